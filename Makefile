@@ -1,0 +1,28 @@
+# `make test` and `make demo` work from a fresh clone: each creates .venv if missing and installs the project into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo lab bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,notebooks]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import torch, torchvision, timm, nbclient, se_surgery, analysis"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m se_surgery.summary resnet50
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(PY) benchmarks/surgery.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,50 @@
+"""Owner names -> the paper's ``SE_<stage>_<block>`` names (SENet Sec. 7.2; conv2_x is stage 2)."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+__all__ = ["se_name", "owner_of", "paper_names_for"]
+
+_RESNET_BLOCK = re.compile(r"(?:^|\.)layer(\d+)\.(\d+)$")  # torchvision and timm ResNet / ResNeXt / Wide ResNet
+_SE_LEAF = re.compile(r"se(?:_(\d+))?")
+
+
+def se_name(owner: str, index: int) -> str:
+    """Module name of the ``index``-th SE in ``owner``'s forward: ``<owner>.se``, ``<owner>.se_1``, ..."""
+    leaf = "se" if index == 0 else f"se_{index}"
+    return f"{owner}.{leaf}" if owner else leaf
+
+
+def owner_of(name: str) -> tuple[str, int]:
+    """Inverse of :func:`se_name`: ``"layer1.0.se_1"`` -> ``("layer1.0", 1)``."""
+    owner, _, leaf = name.rpartition(".")
+    match = _SE_LEAF.fullmatch(leaf)
+    if match is None:
+        raise ValueError(f"{name!r} is not an SE module name (expected '<owner>.se' or '<owner>.se_<k>')")
+    return owner, int(match.group(1) or 0)
+
+
+def paper_names_for(owners: Iterable[str]) -> dict[str, str]:
+    """Map block owners (in forward order) to ``SE_<stage>_<block>``.
+
+    ResNet-style names (``layer<k>.<i>``) map exactly: ``layer1.2`` -> ``SE_2_3``, ``layer4.1`` -> ``SE_5_2``. Other
+    models number their containers of residual blocks as stages 2, 3, ... in order, and blocks 1, 2, ... within
+    each; a sum in the top-level forward is ``SE_top``.
+    """
+    owners = list(dict.fromkeys(owners))
+    names, stages, blocks = {}, {}, {}
+    for owner in owners:
+        match = _RESNET_BLOCK.search(owner)
+        if match:
+            names[owner] = f"SE_{int(match.group(1)) + 1}_{int(match.group(2)) + 1}"
+            continue
+        if owner == "":
+            names[owner] = "SE_top"
+            continue
+        parent = owner.rpartition(".")[0]
+        stage = stages.setdefault(parent, len(stages) + 2)
+        blocks[parent] = blocks.get(parent, 0) + 1
+        names[owner] = f"SE_{stage}_{blocks[parent]}"
+    return names

@@ -1,0 +1,86 @@
+"""One eager forward that finds which modules own a tensor sum in their own forward, and records their inputs.
+
+Running the model once (instead of tracing all of it) means a module fx cannot trace only matters if it really
+holds a sum, and every block's input is at hand for shape propagation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import SurgeryError
+
+__all__ = ["Probe", "probe_sums"]
+
+_ADDS = {
+    torch.add,
+    Tensor.add,
+    Tensor.add_,
+    Tensor.__add__,
+    Tensor.__iadd__,
+    Tensor.__radd__,
+}
+
+
+@dataclass
+class Probe:
+    """What one forward showed: owners of same-shape tensor sums (in call order) and each module's first inputs."""
+
+    owners: list[str] = field(default_factory=list)
+    inputs: dict[str, tuple[tuple, dict]] = field(default_factory=dict)
+
+
+class _SumSpy(TorchFunctionMode):
+    def __init__(self, stack: list[str], probe: Probe) -> None:
+        super().__init__()
+        self.stack, self.probe = stack, probe
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _ADDS and self.stack and len(args) >= 1:
+            a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+            if isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() >= 3 and a.shape == b.shape:
+                owner = self.stack[-1]
+                if owner not in self.probe.owners:
+                    self.probe.owners.append(owner)
+        return func(*args, **kwargs)
+
+
+def probe_sums(model: nn.Module, example_input: Tensor) -> Probe:
+    """Run ``model(example_input)`` in eval mode under no_grad, watching for sums; the model's state is restored."""
+    probe, stack, handles = Probe(), [], []
+
+    def pre_hook(name):
+        def hook(module, args, kwargs):
+            stack.append(name)
+            probe.inputs.setdefault(name, (args, kwargs))
+
+        return hook
+
+    def post_hook(module, args, output):
+        stack.pop()
+
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(post_hook, always_call=True))
+        model.eval()
+        with torch.no_grad(), _SumSpy(stack, probe):
+            model(example_input)
+    except Exception as err:
+        raise SurgeryError(
+            f"{type(model).__name__} failed on the example input of shape {tuple(example_input.shape)}: {err}. "
+            "Pass one it accepts: add_se(model, example_input=torch.randn(2, 3, 224, 224))."
+        ) from err
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in was_training.items():
+            module.training = mode
+    return probe

@@ -1,0 +1,119 @@
+"""Small hand-written models for the surgery tests: every way a residual sum is written, and ways it is not."""
+
+import torch
+from torch import nn
+
+
+def conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class PlusBlock(nn.Module):
+    """``x + f(x)``: skip first."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.f = nn.Sequential(conv_bn(c, c), nn.ReLU(), conv_bn(c, c))
+
+    def forward(self, x):
+        return torch.relu(x + self.f(x))
+
+
+class TorchAddBlock(nn.Module):
+    """``torch.add(branch, proj(x))`` with a 1x1 projection + norm on the skip."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = conv_bn(cin, cout), conv_bn(cout, cout)
+        self.proj = conv_bn(cin, cout, 1)
+
+    def forward(self, x):
+        return torch.add(self.conv2(torch.relu(self.conv1(x))), self.proj(x))
+
+
+class InplaceBlock(nn.Module):
+    """``out += x`` with a drop-path-like module and a layer-scale parameter after the last norm."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = conv_bn(c, c), conv_bn(c, c)
+        self.gamma = nn.Parameter(torch.full((1, c, 1, 1), 0.5))
+        self.drop_path = nn.Dropout(0.0)
+
+    def forward(self, x):
+        out = self.conv2(torch.relu(self.conv1(x)))
+        out = self.drop_path(out * self.gamma)
+        out += x
+        return out
+
+
+class Nested(nn.Module):
+    """A residual around two residual blocks: three sums, two of them inside children."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(PlusBlock(c), InplaceBlock(c))
+        self.mix = conv_bn(c, c)
+
+    def forward(self, x):
+        return x.add(self.mix(self.inner(x)))
+
+
+class TinyNet(nn.Module):
+    """Every spelling at once, plus a residual sum in the top-level forward."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.block1 = PlusBlock(16)
+        self.block2 = TorchAddBlock(16, 32)
+        self.nested = Nested(32)
+        self.top = conv_bn(32, 32)
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.nested(self.block2(self.block1(torch.relu(self.stem(x)))))
+        x = x + self.top(x)  # a sum in the model's own forward
+        return self.head(x.mean((2, 3)))
+
+    def features_dim(self) -> int:
+        return self.head.in_features
+
+
+class DataDependent(nn.Module):
+    """A residual block fx cannot trace: Python control flow on a tensor's value."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.f = conv_bn(c, c)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return x + self.f(x)
+        return x + self.f(x) * 2
+
+
+class TokenMixer(nn.Module):
+    """A transformer-style residual over tokens (3-D): not an SE place."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        t = t + self.fc(t)
+        return t.transpose(1, 2).reshape(n, c, h, w)
+
+
+class Hybrid(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.block = PlusBlock(16)
+        self.tokens = TokenMixer(16)
+        self.untraceable = DataDependent(16)
+
+    def forward(self, x):
+        return self.untraceable(self.tokens(self.block(self.stem(x))))

@@ -1,0 +1,265 @@
+"""add_se / remove_se / se_blocks / paper_names on the torchvision and timm zoos and hand-written models."""
+
+import copy
+import io
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models import convnext, mobilenetv2, regnet, resnet
+from torchvision.ops import SqueezeExcitation
+
+from se_surgery import SurgeryError, add_se, paper_names, remove_se, se_blocks
+
+from .models import DataDependent, Hybrid, TinyNet
+
+X = torch.randn(2, 3, 64, 64)
+
+
+def residual_blocks(model: nn.Module) -> int:
+    """Independent count of residual sums: the zoo's own block classes (and their residual flag)."""
+    kinds = (resnet.BasicBlock, resnet.Bottleneck, regnet.ResBottleneckBlock, convnext.CNBlock)
+    count = sum(isinstance(m, kinds) for m in model.modules())
+    count += sum(isinstance(m, mobilenetv2.InvertedResidual) and m.use_res_connect for m in model.modules())
+    count += sum(type(m).__name__ in {"Bottleneck", "BasicBlock"} and "timm" in type(m).__module__ for m in model.modules())
+    return count
+
+
+def check_surgery(base: nn.Module, expected: int) -> nn.Module:
+    se = add_se(base)
+    blocks = se_blocks(se)
+    assert len(blocks) == expected > 0
+    assert type(se) is type(base)  # class (and so methods) kept
+    old, new = base.state_dict(), se.state_dict()
+    assert set(old) <= set(new)
+    assert all(torch.equal(old[k], new[k]) for k in old)
+    extra = set(new) - set(old)
+    assert extra == {f"{name}.{k}" for name, b in blocks.items() for k in b.state_dict()}
+    missing, unexpected = se.load_state_dict(old, strict=False)  # pretrained weights load; only SE keys missing
+    assert set(missing) == extra and not unexpected
+    se.eval()
+    with torch.no_grad():
+        out = se(X)
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    return se
+
+
+@pytest.mark.parametrize(
+    "arch",
+    ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2",
+     "mobilenet_v2", "regnet_x_400mf", "convnext_tiny"],
+)
+def test_torchvision_zoo(arch):
+    base = torchvision.models.get_model(arch)
+    check_surgery(base, residual_blocks(base))
+
+
+def test_timm_resnet50():
+    timm = pytest.importorskip("timm")
+    base = timm.create_model("resnet50")
+    se = check_surgery(base, 16)
+    # timm blocks hold `se = None`; ours takes that slot, under the same key names as timm's seresnet50
+    assert "layer1.0.se.fc1.weight" in se.state_dict()
+
+
+def test_resnet50_matches_the_paper_cost():
+    from se_surgery import summary
+
+    se = add_se(torchvision.models.resnet50())
+    assert sum(p.numel() for p in se.parameters()) == 28_088_024  # paper: 25.6M -> 28.1M
+    cost = summary(se, (1, 3, 224, 224))
+    assert cost.params_base == 25_557_032
+    assert 0 < cost.macs_overhead <= 0.003  # paper: 3.86 -> 3.87 GFLOPs
+
+
+def test_channels_and_reduction_follow_the_block():
+    se = add_se(torchvision.models.resnet50(), reduction=8)
+    block = se_blocks(se)["layer4.1.se"]
+    assert (block.fc1.in_channels, block.fc1.out_channels) == (2048, 256)
+
+
+def test_matches_a_hand_written_se_resnet():
+    """micrograd-style: the surgered ResNet-18 equals a forward written out by hand with the paper's equations."""
+    torch.manual_seed(0)
+    model = add_se(torchvision.models.resnet18()).eval()
+    names = list(se_blocks(model))
+
+    def se_ref(block: SqueezeExcitation, u):
+        z = u.mean((2, 3))  # squeeze: z_c = 1/HW sum u_c
+        s = torch.sigmoid(F.linear(F.relu(F.linear(z, block.fc1.weight[:, :, 0, 0], block.fc1.bias)),
+                                   block.fc2.weight[:, :, 0, 0], block.fc2.bias))  # excitation
+        return u * s[:, :, None, None]  # scale
+
+    def basic(block, name, x):
+        out = block.relu(block.bn1(block.conv1(x)))
+        out = se_ref(se_blocks(model)[name], block.bn2(block.conv2(out)))
+        identity = block.downsample(x) if block.downsample is not None else x
+        return F.relu(out + identity)
+
+    with torch.no_grad():
+        x = model.maxpool(model.relu(model.bn1(model.conv1(X))))
+        i = 0
+        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+            for block in layer:
+                x = basic(block, names[i], x)
+                i += 1
+        ref = model.fc(torch.flatten(model.avgpool(x), 1))
+        torch.testing.assert_close(model(X), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hand_written_model_every_spelling_and_top_level_sum():
+    base = TinyNet().eval()
+    se = add_se(base, reduction=4)
+    assert set(se_blocks(se)) == {"block1.se", "block2.se", "nested.se", "nested.inner.0.se", "nested.inner.1.se", "se"}
+    assert isinstance(se, torch.fx.GraphModule)  # a sum in the top-level forward makes the root a GraphModule
+    missing, unexpected = add_se(base, reduction=4).load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(".se." in k or k.startswith("se.") for k in missing)
+    assert set(base.state_dict()) <= set(se.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(remove_se(se).eval()(X), base(X), rtol=0, atol=0)
+    # the SE of `out = drop_path(conv2 * gamma); out += x` sits before gamma
+    assert "se = self.se(conv2" in se.nested.inner[1].code.replace("_1", "")
+
+
+def test_remove_se_gives_back_the_original_function_bit_for_bit():
+    base = torchvision.models.resnet50().eval()
+    se = add_se(base)
+    restored = remove_se(se)
+    assert not se_blocks(restored) and len(se_blocks(se)) == 16  # the input is untouched
+    assert restored.state_dict().keys() == base.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(restored(X), base(X))
+
+
+def test_remove_some_by_paper_name():
+    se = add_se(torchvision.models.resnet50())
+    names = paper_names(se)
+    assert names["layer1.2.se"] == "SE_2_3" and names["layer4.1.se"] == "SE_5_2" and names["layer3.5.se"] == "SE_4_6"
+    assert list(se_blocks(se))[:3] == ["layer1.0.se", "layer1.1.se", "layer1.2.se"]
+    lighter = remove_se(se, ["SE_5_1", "SE_5_2", "layer4.2.se"])
+    assert len(se_blocks(lighter)) == 13 and not any(n.startswith("layer4") for n in se_blocks(lighter))
+    with pytest.raises(SurgeryError, match="layer1.0.se"):
+        remove_se(se, ["SE_9_9"])
+
+
+@pytest.mark.parametrize(
+    "where, prefixes",
+    [([4], {"layer3"}), ([2, 5], {"layer1", "layer4"}), (["layer2", "layer4.1"], {"layer2", "layer4.1"}),
+     (lambda owner: owner.endswith(".0"), {"layer1.0", "layer2.0", "layer3.0", "layer4.0"})],
+)
+def test_where_expresses_the_stage_ablation(where, prefixes):
+    se = add_se(torchvision.models.resnet50(), where=where)
+    owners = {n.rsplit(".", 1)[0] for n in se_blocks(se)}
+    assert owners and all(any(o == p or o.startswith(p + ".") for p in prefixes) for o in owners)
+    assert all(any(o == p or o.startswith(p + ".") for o in owners) for p in prefixes)
+
+
+def test_where_that_matches_nothing_lists_the_blocks():
+    with pytest.raises(SurgeryError, match=r"layer1\.0 \(SE_2_1\)"):
+        add_se(torchvision.models.resnet18(), where=["layer9"])
+
+
+def test_identity_init_keeps_a_pretrained_networks_outputs():
+    base = torchvision.models.resnet50().eval()
+    se = add_se(base, init="identity").eval()
+    with torch.no_grad():
+        y0, y1 = base(X), se(X)
+    assert (y1 - y0).norm() / y0.norm() <= 1e-3
+    gates = [b.fc2.bias for b in se_blocks(se).values()]
+    assert all(torch.sigmoid(g).min() > 0.9999 for g in gates)
+
+
+def test_he_init_is_not_identity():
+    se = se_blocks(add_se(torchvision.models.resnet18()))["layer2.0.se"]
+    assert se.fc2.weight.std() > 0.01 and torch.count_nonzero(se.fc1.bias) == 0
+
+
+def test_save_load_deepcopy_script_compile():
+    se = add_se(torchvision.models.resnet18()).eval()
+    with torch.no_grad():
+        ref = se(X)
+        buffer = io.BytesIO()
+        torch.save(se, buffer)
+        buffer.seek(0)
+        for other in (torch.load(buffer, weights_only=False), copy.deepcopy(se), torch.jit.script(se)):
+            torch.testing.assert_close(other(X), ref, rtol=0, atol=0)
+        compiled = torch.compile(se, backend="aot_eager")  # dynamo capture of the rewritten blocks
+        torch.testing.assert_close(compiled(X), ref, rtol=1e-5, atol=1e-5)
+    assert isinstance(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False), resnet.ResNet)
+
+
+def test_train_mode_and_gradients_after_surgery():
+    base = torchvision.models.resnet18()
+    se = add_se(base)
+    assert se.training and all(m.training for m in se.modules())
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    se(X).sum().backward()
+    assert all(b.fc1.weight.grad is not None for b in se_blocks(se).values())
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # running stats untouched
+
+
+def test_inplace():
+    base = torchvision.models.resnet18()
+    se = add_se(base, inplace=True)
+    assert se is base and len(se_blocks(base)) == 8
+
+
+def unchanged(model: nn.Module, snapshot: dict, modules: list) -> bool:
+    return list(model.modules()) == modules and all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
+
+
+def test_untraceable_block_names_the_module_and_leaves_the_model_untouched():
+    model = Hybrid()
+    snapshot, modules = copy.deepcopy(model.state_dict()), list(model.modules())
+    for inplace in (False, True):
+        with pytest.raises(SurgeryError, match=r"`untraceable` \(DataDependent\).*leaf_modules=\['untraceable'\]"):
+            add_se(model, inplace=inplace)
+        assert unchanged(model, snapshot, modules)
+    se = add_se(model, leaf_modules=[DataDependent])  # the way out: that block keeps no SE, the others get one
+    assert list(se_blocks(se)) == ["block.se"]
+
+
+def test_token_sums_are_skipped_and_reported(caplog):
+    with caplog.at_level(logging.WARNING, logger="se_surgery"):
+        se = add_se(Hybrid(), leaf_modules=["untraceable"])
+    assert list(se_blocks(se)) == ["block.se"]
+    assert "tokens" in caplog.text and "3-D" in caplog.text
+
+
+@pytest.mark.parametrize("model", [torchvision.models.vgg11, torchvision.models.densenet121])
+def test_no_residual_sum(model):
+    with pytest.raises(SurgeryError, match="no residual sum.*where="):
+        add_se(model())
+
+
+def test_already_gated_blocks_are_never_doubled(caplog):
+    se = add_se(torchvision.models.resnet18())
+    for gated in (se, torchvision.models.efficientnet_b0(), torchvision.models.regnet_y_400mf()):
+        with pytest.raises(SurgeryError, match="already holds an SE"):
+            add_se(gated)
+    partly = add_se(torchvision.models.resnet18(), where=[2])
+    with caplog.at_level(logging.WARNING, logger="se_surgery"):
+        both = add_se(partly)
+    assert len(se_blocks(both)) == 8 and "already holds an SE" in caplog.text
+
+
+@pytest.mark.parametrize("r", [0, -2, 1.5, 65])
+def test_bad_reduction(r):
+    model = torchvision.models.resnet18()
+    snapshot, modules = copy.deepcopy(model.state_dict()), list(model.modules())
+    with pytest.raises(SurgeryError, match="reduction"):
+        add_se(model, reduction=r, inplace=True)
+    assert unchanged(model, snapshot, modules)
+
+
+def test_bad_example_input():
+    with pytest.raises(SurgeryError, match="example_input"):
+        add_se(torchvision.models.resnet18(), example_input=torch.randn(2, 1, 64, 64))
+
+
+def test_data_dependent_block_is_plain_fx_limit():
+    with pytest.raises(SurgeryError, match="cannot trace"):
+        add_se(nn.Sequential(nn.Conv2d(3, 8, 3), DataDependent(8)))
