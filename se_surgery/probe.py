@@ -75,7 +75,8 @@ def probe_sums(model: nn.Module, example_input: Tensor) -> Probe:
             model(example_input)
     except Exception as err:
         raise SurgeryError(
-            f"{type(model).__name__} failed on the example input of shape {tuple(example_input.shape)}: {err}. "
+            f"{type(model).__name__} failed on the example input of shape {tuple(example_input.shape)}: "
+            f"{str(err).rstrip('.')}. "
             "Pass one it accepts: add_se(model, example_input=torch.randn(2, 3, 224, 224))."
         ) from err
     finally:

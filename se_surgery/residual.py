@@ -131,6 +131,17 @@ def _pass_through_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node
     return None
 
 
+def _last_width(path: set[fx.Node], modules: dict[str, nn.Module], order: dict[fx.Node, int]) -> int | None:
+    """Output width of the branch's last conv / linear layer (to catch channels-last N x H x W x C tensors)."""
+    for node in sorted(path, key=order.__getitem__, reverse=True):
+        if node.op == "call_module":
+            layers = [m for m in modules[node.target].modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+            if layers:
+                last = layers[-1]
+                return last.out_channels if isinstance(last, nn.modules.conv._ConvNd) else last.out_features
+    return None
+
+
 def _is_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return any(
@@ -181,6 +192,9 @@ def classify_sum(
         return Skipped(add, f"the lighter operand carries {light} learned layers; a skip has at most one")
     if any(_is_gate(n, modules) for n in path):
         return Skipped(add, "its branch already holds an SE / attention gate")
+    width = _last_width(path, modules, order)
+    if width is not None and width != shape[1]:
+        return Skipped(add, f"its branch ends in {width} features but dim 1 has {shape[1]}: not N x C x H x W")
     insert, consumer = branch, add
     while (inner := _pass_through_input(insert, modules)) is not None and len(inner.users) == 1:
         if _shape(inner) != shape or inner not in path:

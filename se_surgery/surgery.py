@@ -78,7 +78,8 @@ def _make_se(channels: int, reduction: int, init: str, like: torch.Tensor | None
     if hidden < 1:
         raise SurgeryError(
             f"reduction={reduction} is larger than the {channels} channels of {where or 'the top-level sum'}: "
-            f"the excitation's hidden layer C // r would be empty. Use reduction <= {channels}."
+            f"the excitation's hidden layer C // r would be empty. Use reduction <= {channels}, or leave that block "
+            f"out with where=lambda owner: owner != {where!r}."
         )
     se = SqueezeExcitation(channels, hidden)  # z = avgpool(u); s = sigmoid(fc2(relu(fc1(z)))); out = s * u
     for fc in (se.fc1, se.fc2):

@@ -90,3 +90,16 @@ def test_swish_is_not_a_gate():
 
     (v,) = verdicts(Swish(8), torch.randn(2, 8, 6, 6))
     assert isinstance(v, Residual)
+
+
+def test_channels_last_token_mlp_is_not_an_se_place():
+    class NHWCBlock(nn.Module):  # Swin-style: x is N x H x W x C and the MLP acts on the last dim
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+
+        def forward(self, x):
+            return x + self.mlp(x)
+
+    (v,) = verdicts(NHWCBlock(), torch.randn(2, 6, 6, 8))
+    assert isinstance(v, Skipped) and "not N x C x H x W" in v.reason
