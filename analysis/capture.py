@@ -1,0 +1,263 @@
+"""Forward hooks on SE gates and the streaming capture of their excitations.
+
+The gate of an SE block is the module whose output is the excitation ``s`` in [0, 1] (``sigma`` in the paper's
+eq. 3). It is found by name, so the model never learns it is watched:
+
+- ``*.se.scale_activation`` (and ``*.se_1.scale_activation``, ...): what :func:`se_surgery.add_se` inserts (``torchvision.ops.SqueezeExcitation``);
+- ``*.se.gate``: timm's ``SEModule`` / ``SqueezeExcite`` (the gate is not always an ``nn.Sigmoid``);
+- the ``scale_activation`` of any ``SqueezeExcitation``, whatever its name (torchvision's MobileNetV3, EfficientNet).
+
+The hooks live in :class:`GateRecorder`, a context manager that always removes them, even when the forward raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import SqueezeExcitation
+from tqdm.auto import tqdm
+
+from analysis.errors import AnalysisError
+from analysis.excitation_stats import ExcitationStats
+from analysis.streaming import ClassMoments
+
+__all__ = ["GateRecorder", "capture_excitations", "find_gates", "model_paper_names"]
+
+logger = logging.getLogger(__name__)
+
+_GATE_NAMES = ("scale_activation", "gate")
+_SE_NAME = re.compile(r"se(_\d+)?")  # add_se names a second SE of the same block "se_1"
+
+
+def find_gates(model: nn.Module) -> dict[str, str]:
+    """SE module name -> name of its gate module, in registration order.
+
+    Examples:
+        >>> find_gates(se_resnet18)["layer1.0.se"]
+        'layer1.0.se.scale_activation'
+    """
+    modules = dict(model.named_modules())
+    gates = {}
+    for name in modules:
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in _GATE_NAMES or not owner:
+            continue
+        if _SE_NAME.fullmatch(owner.rpartition(".")[2]) or (isinstance(modules[owner], SqueezeExcitation) and leaf == "scale_activation"):
+            gates[owner] = name
+    return gates
+
+
+def model_paper_names(model: nn.Module) -> dict[str, str]:
+    """The paper's ``SE_<stage>_<block>`` names from :func:`se_surgery.paper_names`; empty where it has none."""
+    try:
+        from se_surgery import paper_names
+    except ImportError:
+        logger.info("se_surgery.paper_names is not available: blocks keep their module names")
+        return {}
+    try:
+        return dict(paper_names(model))
+    except Exception as err:  # a model the naming rule does not know is fine: module names still work
+        logger.info("no paper names for this model (%s): blocks keep their module names", err)
+        return {}
+
+
+def select_blocks(gates: dict[str, str], paper_names: dict[str, str], blocks: Iterable[str] | None) -> list[str]:
+    """Resolve ``blocks`` (SE module names or paper names; ``None`` = all) to SE module names.
+
+    Raises:
+        AnalysisError: a name that is no SE block; the message lists the valid ones.
+    """
+    if blocks is None:
+        return list(gates)
+    by_paper = {p: b for b, p in paper_names.items() if b in gates}
+    chosen, unknown = [], []
+    for name in blocks:
+        block = name if name in gates else by_paper.get(name)
+        (chosen if block else unknown).append(block or name)
+    if unknown:
+        valid = ", ".join(paper_names.get(b, b) for b in gates)
+        raise AnalysisError(f"unknown SE block(s) {', '.join(unknown)}: use any of {valid}")
+    return chosen
+
+
+def dataset_classes(loader: Iterable) -> list[str] | None:
+    """The class names of the loader's dataset (looking through ``Subset`` wrappers), or ``None``."""
+    dataset = getattr(loader, "dataset", None)
+    while dataset is not None and not hasattr(dataset, "classes"):
+        dataset = getattr(dataset, "dataset", None)
+    return [str(c) for c in dataset.classes] if dataset is not None else None
+
+
+def resolve_classes(classes: Sequence[int | str] | None, names: list[str] | None) -> list[int] | None:
+    """Class indices from names or indices (``None`` = all).
+
+    Raises:
+        AnalysisError: an unknown name or an index out of range; the message lists the valid ones.
+    """
+    if classes is None:
+        return None
+    out = []
+    for cls in classes:
+        if isinstance(cls, str) and names is not None and cls in names:
+            out.append(names.index(cls))
+        elif isinstance(cls, (int, np.integer)) and cls >= 0 and (names is None or cls < len(names)):
+            out.append(int(cls))
+        else:
+            valid = ", ".join(names) if names else "class indices"
+            raise AnalysisError(f"unknown class {cls!r}: use any of {valid} (or their indices)")
+    return out
+
+
+class GateRecorder:
+    """Context manager: forward hooks that stream each gate's output into per-class moments.
+
+    Set :attr:`labels` to the classes of the batch before each forward. Gate outputs of shape ``(N, C, 1, 1)`` or
+    ``(N, C)`` are used as they are; a gate with a spatial map is averaged over space.
+
+    Args:
+        model: The model to watch; it is not modified.
+        gates: SE module name -> gate module name.
+        num_classes: Class rows to allocate (grows as labels need).
+        bins: Histogram bins over [0, 1].
+        device: Where the accumulators live.
+    """
+
+    def __init__(
+        self, model: nn.Module, gates: dict[str, str], num_classes: int, *, bins: int = 20, device: torch.device | str = "cpu"
+    ) -> None:
+        self.model, self.gates, self.num_classes, self.bins, self.device = model, gates, num_classes, bins, device
+        self.labels: torch.Tensor | None = None
+        self.moments: dict[str, ClassMoments] = {}  # filled in forward order, the first time each gate fires
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> GateRecorder:
+        try:
+            for block, gate in self.gates.items():
+                module = self.model.get_submodule(gate)
+                self._handles.append(module.register_forward_hook(self._hook(block)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, block: str):
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            if self.labels is None:
+                return
+            s = output.detach().flatten(2).mean(2) if output.dim() > 2 else output.detach()
+            if block not in self.moments:
+                self.moments[block] = ClassMoments(self.num_classes, s.shape[1], bins=self.bins, device=self.device)
+            self.moments[block].update(s, self.labels)
+
+        return hook
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode and give every module its own train/eval flag back afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _keep(labels: torch.Tensor, selected: set[int] | None, per_class: int | None, seen: dict[int, int]) -> torch.Tensor:
+    """Mask of the batch's images still wanted: of a selected class, and under the per-class quota."""
+    keep = []
+    for label in labels.tolist():
+        ok = (selected is None or label in selected) and (per_class is None or seen.get(label, 0) < per_class)
+        seen[label] = seen.get(label, 0) + ok
+        keep.append(ok)
+    return torch.tensor(keep, dtype=torch.bool)
+
+
+def capture_excitations(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    blocks: Iterable[str] | None = None,
+    classes: Sequence[int | str] | None = None,
+    per_class: int | None = None,
+    bins: int = 20,
+    progress: bool = False,
+) -> ExcitationStats:
+    """Run ``model`` over ``loader`` and stream per-class statistics of every SE gate's output.
+
+    Memory does not grow with the number of images: only per-class sums are kept (float64, Chan's update). The model
+    runs in eval mode under ``torch.no_grad`` on the device of its parameters; each module's train/eval flag is
+    restored afterwards and the hooks are always removed. Under ``torch.distributed`` the statistics of all ranks are
+    pooled (``per_class`` then applies to each rank's shard).
+
+    Args:
+        model: A model holding SE blocks (from :func:`se_surgery.add_se`, timm, or torchvision).
+        loader: Yields ``(images, labels)``.
+        blocks: SE module names or paper names (``"SE_5_2"``); ``None`` = every SE block.
+        classes: Class indices or names to capture; ``None`` = all.
+        per_class: At most this many images per class (the first ones the loader yields); ``None`` = all.
+        bins: Histogram bins over [0, 1].
+        progress: Show a tqdm bar.
+
+    Returns:
+        The statistics, blocks in forward order.
+
+    Raises:
+        AnalysisError: the model has no SE gate; an unknown block or class; no image was captured.
+
+    Examples:
+        >>> stats = capture_excitations(model, val_loader, classes=["0", "7"], per_class=50)
+        >>> stats.mean("SE_5_2", "7")[:5]
+    """
+    gates = find_gates(model)
+    if not gates:
+        raise AnalysisError(
+            "the model has no SE block (no '*.se.scale_activation', '*.se.gate' or SqueezeExcitation gate): "
+            "add them with se_surgery.add_se and train it first"
+        )
+    paper_names = model_paper_names(model)
+    chosen = select_blocks(gates, paper_names, blocks)
+    names = dataset_classes(loader)
+    selected = resolve_classes(classes, names)
+    num_classes = len(names) if names else max(selected or [0]) + 1
+    wanted = set(selected) if selected is not None else (set(range(len(names))) if names else None)
+    device = next(model.parameters()).device
+    seen: dict[int, int] = {}
+    bar = tqdm(loader, desc="excitations", unit="batch", disable=not progress, leave=False)
+    with eval_mode(model), torch.no_grad(), GateRecorder(
+        model, {b: gates[b] for b in chosen}, num_classes, bins=bins, device=device
+    ) as recorder:
+        for images, labels in bar:
+            keep = _keep(labels, set(selected) if selected is not None else None, per_class, seen)
+            if keep.any():
+                recorder.labels = labels[keep].to(device)
+                model(images[keep].to(device, non_blocking=True))
+            if per_class is not None and wanted is not None and all(seen.get(k, 0) >= per_class for k in wanted):
+                break
+    bar.close()
+    if not recorder.moments:
+        raise AnalysisError("no image was captured: check that the loader yields images of the chosen classes")
+    moments = recorder.moments
+    names = names or [str(k) for k in range(max(m.num_classes for m in moments.values()))]
+    stats = ExcitationStats(moments, names, {b: paper_names[b] for b in moments if b in paper_names}).all_reduce()
+    for m in moments.values():
+        m.to("cpu")
+    logger.info("captured %d SE blocks over %d images", len(moments), stats.count(stats.blocks[0]))
+    return stats

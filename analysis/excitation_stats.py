@@ -1,0 +1,158 @@
+"""`ExcitationStats`: what :func:`analysis.capture_excitations` returns.
+
+Per SE block (in forward order) one :class:`~analysis.streaming.ClassMoments`: per class and channel the number of
+images, the mean and the spread of the gate output ``s``, plus a histogram of ``s`` over [0, 1] per class. Blocks are
+named by their SE module (``"layer4.1.se"``); the paper's names (``"SE_5_2"``) are accepted wherever they exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from analysis.errors import AnalysisError
+from analysis.streaming import ClassMoments
+
+__all__ = ["ALL", "ExcitationStats"]
+
+ALL = "all"
+"""The ``class`` value of the rows pooled over every captured class (the paper's "all" curve)."""
+
+
+@dataclass
+class ExcitationStats:
+    """Streaming excitation statistics of every captured SE block.
+
+    Attributes:
+        moments: SE module name -> its per-class moments, in forward order.
+        class_names: Name of each class index (the dataset's ``classes``, else the index as text).
+        paper_names: SE module name -> paper name (``SE_<stage>_<block>``) where the model has one.
+    """
+
+    moments: dict[str, ClassMoments]
+    class_names: list[str]
+    paper_names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> list[str]:
+        """SE module names in forward order."""
+        return list(self.moments)
+
+    @property
+    def classes(self) -> list[int]:
+        """Indices of the classes that have at least one captured image."""
+        first = next(iter(self.moments.values()))
+        return [int(k) for k in np.flatnonzero(first.n.cpu().numpy() > 0)]
+
+    def block(self, name: str) -> str:
+        """The SE module name of ``name`` (an SE module name or a paper name).
+
+        Raises:
+            AnalysisError: ``name`` is neither; the message lists the valid names.
+        """
+        if name in self.moments:
+            return name
+        by_paper = {p: b for b, p in self.paper_names.items() if b in self.moments}
+        if name in by_paper:
+            return by_paper[name]
+        valid = ", ".join(self.paper_names.get(b, b) for b in self.moments)
+        raise AnalysisError(f"unknown SE block {name!r}: use one of {valid}")
+
+    def paper_name(self, block: str) -> str:
+        """The paper's name of a block, or its module name where it has none."""
+        block = self.block(block)
+        return self.paper_names.get(block, block)
+
+    def depth(self, block: str) -> int:
+        """1-based position of the block in forward order."""
+        return self.blocks.index(self.block(block)) + 1
+
+    def class_index(self, cls: int | str) -> int:
+        """The index of ``cls`` (an index or a class name).
+
+        Raises:
+            AnalysisError: no such class; the message lists the valid names.
+        """
+        if isinstance(cls, str) and cls in self.class_names:
+            return self.class_names.index(cls)
+        if isinstance(cls, (int, np.integer)) and 0 <= cls < len(self.class_names):
+            return int(cls)
+        raise AnalysisError(f"unknown class {cls!r}: use one of {', '.join(self.class_names)} (or their indices)")
+
+    def _moments(self, block: str, cls: int | str | None) -> tuple[float, np.ndarray, np.ndarray]:
+        m = self.moments[self.block(block)]
+        if cls is None or cls == ALL:
+            n, mean, m2 = m.pooled()
+        else:
+            k = self.class_index(cls)
+            n, mean, m2 = float(m.n[k]), m.mean[k], m.m2[k]
+        return n, mean.cpu().numpy(), m2.cpu().numpy()
+
+    def count(self, block: str, cls: int | str | None = None) -> int:
+        """Images captured at ``block`` for class ``cls`` (``None``: all classes)."""
+        return int(self._moments(block, cls)[0])
+
+    def mean(self, block: str, cls: int | str | None = None) -> np.ndarray:
+        """Mean excitation per channel, shape ``(C,)``, for class ``cls`` (``None``: all classes pooled)."""
+        return self._moments(block, cls)[1]
+
+    def std(self, block: str, cls: int | str | None = None) -> np.ndarray:
+        """Sample standard deviation (``ddof=1``) per channel; NaN with fewer than two images."""
+        n, _, m2 = self._moments(block, cls)
+        return np.sqrt(m2 / (n - 1)) if n > 1 else np.full_like(m2, np.nan)
+
+    def histogram(self, block: str, cls: int | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Counts of excitation values (all channels) in equal bins over [0, 1], and the bin edges."""
+        m = self.moments[self.block(block)]
+        hist = m.hist.sum(0) if cls is None or cls == ALL else m.hist[self.class_index(cls)]
+        return hist.cpu().numpy(), np.linspace(0.0, 1.0, m.bins + 1)
+
+    def to_frame(self, blocks: Sequence[str] | None = None) -> pd.DataFrame:
+        """Tidy table: one row per block, class (and ``"all"``), channel.
+
+        Columns: ``block, paper_name, depth, class, channel, n, mean, std``.
+        """
+        frames = []
+        for block in blocks or self.blocks:
+            block = self.block(block)
+            for cls in [*(self.class_names[k] for k in self.classes), ALL]:
+                mean = self.mean(block, cls)
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "block": block,
+                            "paper_name": self.paper_name(block),
+                            "depth": self.depth(block),
+                            "class": cls,
+                            "channel": np.arange(mean.size),
+                            "n": self.count(block, cls),
+                            "mean": mean,
+                            "std": self.std(block, cls),
+                        }
+                    )
+                )
+        return pd.concat(frames, ignore_index=True)
+
+    def merge(self, other: ExcitationStats) -> ExcitationStats:
+        """Fold ``other`` (captured from the same model on other images) into this one; returns ``self``."""
+        if other.blocks != self.blocks:
+            raise AnalysisError(
+                f"cannot merge statistics of blocks {other.blocks} into {self.blocks}: capture both from the same "
+                "model with the same blocks"
+            )
+        for block, m in self.moments.items():
+            m.merge(other.moments[block])
+        if len(other.class_names) > len(self.class_names):
+            self.class_names = list(other.class_names)
+        return self
+
+    def all_reduce(self) -> ExcitationStats:
+        """Pool the statistics of all ranks (no-op outside ``torch.distributed``); returns ``self``."""
+        for m in self.moments.values():
+            m.all_reduce()
+        n = max(m.num_classes for m in self.moments.values())
+        self.class_names += [str(k) for k in range(len(self.class_names), n)]
+        return self

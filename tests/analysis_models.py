@@ -1,0 +1,58 @@
+"""Tiny hand-made SE models and loaders shared by the analysis tests (not a test module itself)."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import SEModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.ops import SqueezeExcitation
+
+
+class Block(nn.Module):
+    """conv-bn -> SE -> relu, with its SE at ``.se`` (torchvision's or timm's)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, *, timm_se: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.se = SEModule(c_out, rd_ratio=0.25) if timm_se else SqueezeExcitation(c_out, max(c_out // 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.se(self.bn(self.conv(x))))
+
+
+class TinySENet(nn.Module):
+    """Two stages, three SE blocks: ``layer1.0.se``, ``layer1.1.se``, ``layer2.0.se``."""
+
+    def __init__(self, num_classes: int = 4, *, timm_se: bool = False) -> None:
+        super().__init__()
+        self.layer1 = nn.Sequential(Block(3, 8, timm_se=timm_se), Block(8, 8, timm_se=timm_se))
+        self.layer2 = nn.Sequential(Block(8, 16, 2, timm_se=timm_se))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer2(self.layer1(x)).mean((2, 3)))
+
+
+class LabelledImages(TensorDataset):
+    """A TensorDataset with the ``classes`` attribute of torchvision datasets."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> None:
+        super().__init__(images, labels)
+        self.classes = classes
+        self.targets = labels.tolist()
+
+
+def make_loader(n: int = 60, num_classes: int = 4, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    """Random 3x16x16 images whose brightness depends on the class, so excitations differ between classes."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    images = torch.randn(n, 3, 16, 16, generator=g) + labels.view(-1, 1, 1, 1).float()
+    dataset = LabelledImages(images, labels, [f"class{k}" for k in range(num_classes)])
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def seeded_model(seed: int = 0, **kwargs) -> TinySENet:
+    torch.manual_seed(seed)
+    return TinySENet(**kwargs)

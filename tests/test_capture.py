@@ -1,0 +1,145 @@
+"""Capture: streaming statistics against torch.mean / torch.std of the stored gate outputs (micrograd-style)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from .analysis_models import make_loader, seeded_model
+from torch import nn
+
+from analysis import AnalysisError, ExcitationStats, capture_excitations
+from analysis.capture import find_gates
+from analysis.streaming import ClassMoments
+
+
+def stored_gate_outputs(model: nn.Module, loader) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The reference: every gate output of every image, kept whole, in float64."""
+    outputs: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        model.get_submodule(gate).register_forward_hook(
+            lambda m, a, out, block=block: outputs.setdefault(block, []).append(out.flatten(1).double())
+        )
+        for block, gate in find_gates(model).items()
+    ]
+    labels = []
+    model.eval()
+    with torch.no_grad():
+        for images, y in loader:
+            model(images)
+            labels.append(y)
+    for h in handles:
+        h.remove()
+    return {b: torch.cat(v) for b, v in outputs.items()}, torch.cat(labels)
+
+
+@pytest.mark.parametrize("timm_se", [False, True], ids=["torchvision-se", "timm-se"])
+def test_streaming_mean_std_match_stored_outputs(timm_se: bool) -> None:
+    model, loader = seeded_model(timm_se=timm_se), make_loader(n=70, batch_size=16)  # last batch is partial
+    stats = capture_excitations(model, loader)
+    stored, labels = stored_gate_outputs(model, loader)
+    assert stats.blocks == ["layer1.0.se", "layer1.1.se", "layer2.0.se"]
+    for block, s in stored.items():
+        for k in range(4):
+            ref = s[labels == k]
+            assert stats.count(block, k) == len(ref)
+            torch.testing.assert_close(torch.from_numpy(stats.mean(block, k)), ref.mean(0), atol=1e-6, rtol=0)
+            torch.testing.assert_close(torch.from_numpy(stats.std(block, k)), ref.std(0), atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(stats.mean(block)), s.mean(0), atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(stats.std(block)), s.std(0), atol=1e-6, rtol=0)
+        hist, edges = stats.histogram(block)
+        assert hist.sum() == s.numel() and edges[0] == 0 and edges[-1] == 1
+        ref_hist = torch.histc(s.float(), bins=len(hist), min=0, max=1)
+        assert abs(hist - ref_hist.numpy()).sum() <= 2  # only values on a bin edge may fall differently
+
+
+def test_chan_merge_of_parts_equals_whole() -> None:
+    g = torch.Generator().manual_seed(1)
+    values, labels = torch.rand(500, 7, generator=g), torch.randint(0, 5, (500,), generator=g)
+    whole = ClassMoments(5, 7)
+    whole.update(values, labels)
+    parts = [ClassMoments(1, 7) for _ in range(3)]  # grows as labels need
+    for part, idx in zip(parts, torch.tensor_split(torch.randperm(500, generator=g), [13, 200])):
+        part.update(values[idx], labels[idx])
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    for a, b in [(merged.n, whole.n), (merged.mean, whole.mean), (merged.m2, whole.m2), (merged.hist, whole.hist)]:
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+def test_excitation_stats_merge_equals_single_capture() -> None:
+    model = seeded_model()
+    first, second = make_loader(n=32, seed=0), make_loader(n=48, seed=1)
+    merged = capture_excitations(model, first).merge(capture_excitations(model, second))
+    whole = capture_excitations(model, [*first, *second])
+    for block in whole.blocks:
+        assert merged.count(block) == whole.count(block) == 80
+        torch.testing.assert_close(merged.mean(block, 2), whole.mean(block, 2), atol=1e-9, rtol=0)
+        torch.testing.assert_close(merged.std(block), whole.std(block), atol=1e-9, rtol=0)
+
+
+def test_classes_and_per_class_limit_what_is_captured() -> None:
+    stats = capture_excitations(seeded_model(), make_loader(n=80), classes=["class1", 3], per_class=5)
+    assert stats.classes == [1, 3]
+    assert [stats.count("layer2.0.se", k) for k in range(4)] == [0, 5, 0, 5]
+    frame = stats.to_frame()
+    assert list(frame.columns) == ["block", "paper_name", "depth", "class", "channel", "n", "mean", "std"]
+    assert set(frame["class"]) == {"class1", "class3", "all"}
+    assert len(frame) == 3 * (8 + 8 + 16)
+    assert frame.groupby("block")["depth"].first().to_dict() == {"layer1.0.se": 1, "layer1.1.se": 2, "layer2.0.se": 3}
+
+
+def test_hooks_removed_and_modes_restored_even_when_forward_fails() -> None:
+    model = seeded_model().train()
+    model.layer1[1].bn.eval()  # a mixed state must come back as it was
+
+    def failing_loader():
+        yield from make_loader(n=16)
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        capture_excitations(model, failing_loader())
+    capture_excitations(model, make_loader(n=16))
+    assert all(not m._forward_hooks for m in model.modules())
+    assert model.training and model.layer1[0].bn.training and not model.layer1[1].bn.training
+
+
+def test_blocks_accept_names_and_reject_unknown_ones() -> None:
+    model = seeded_model()
+    stats = capture_excitations(model, make_loader(n=16), blocks=["layer2.0.se"])
+    assert isinstance(stats, ExcitationStats) and stats.blocks == ["layer2.0.se"]
+    with pytest.raises(AnalysisError, match=r"unknown SE block.*layer1\.0\.se, layer1\.1\.se, layer2\.0\.se"):
+        capture_excitations(model, make_loader(n=16), blocks=["layer9.se"])
+    with pytest.raises(AnalysisError, match="unknown class 'dog'.*class0, class1"):
+        capture_excitations(model, make_loader(n=16), classes=["dog"])
+    with pytest.raises(AnalysisError, match="no SE block"):
+        capture_excitations(nn.Sequential(nn.Conv2d(3, 4, 3)), make_loader(n=16))
+
+
+def _rank_capture(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    shard = [batch for i, batch in enumerate(make_loader(n=64, batch_size=8)) if i % world == rank]
+    stats = capture_excitations(seeded_model(), shard)
+    if rank == 0:
+        queue.put({b: (stats.count(b, 1), stats.mean(b, 1), stats.std(b)) for b in stats.blocks})
+    dist.destroy_process_group()
+
+
+def test_statistics_are_reduced_across_ranks() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("fork").SimpleQueue()  # fork: the ranks need not import torch again
+    mp.start_processes(_rank_capture, args=(2, port, queue), nprocs=2, start_method="fork")
+    reduced = queue.get()
+    single = capture_excitations(seeded_model(), make_loader(n=64, batch_size=8))
+    for block, (count, mean, std) in reduced.items():
+        assert count == single.count(block, 1) == 16
+        # 1e-6, not 1e-9: the ranks' float32 forwards run single-threaded, so they round a little differently
+        torch.testing.assert_close(mean, single.mean(block, 1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(std, single.std(block), atol=1e-6, rtol=0)
