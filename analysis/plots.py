@@ -1,0 +1,175 @@
+"""The paper's excitation figures (SENet Fig. 6 and Fig. 7) and class-specificity / saturation against depth.
+
+Every function returns a matplotlib ``Figure`` drawn in seaborn's "paper" context, sized for a two-column page
+(7 inches wide); :func:`save_figure` writes it as PNG and PDF in the same style.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from analysis.excitation_stats import ALL, ExcitationStats
+
+__all__ = ["fig6_blocks", "plot_fig6", "plot_fig7", "plot_specificity", "save_figure"]
+
+PAPER_FIG6 = ("SE_2_3", "SE_3_4", "SE_4_6", "SE_5_1", "SE_5_2", "SE_5_3")
+"""The blocks of the paper's Fig. 6 and 7 (SE-ResNet-50)."""
+
+MAX_CLASS_LINES = 8
+"""Fig. 6 draws at most this many class curves (the paper draws four); beyond, the first four chosen classes."""
+
+_PAPER_NAME = re.compile(r"SE_(\d+)_(\d+)$")
+
+
+@contextmanager
+def _style() -> Iterator[None]:
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.0), plt.rc_context(
+        {"savefig.bbox": "tight", "figure.dpi": 100}
+    ):
+        yield
+
+
+def fig6_blocks(stats: ExcitationStats) -> list[str]:
+    """The blocks to show: the paper's six if the model has them all, else the last block of every stage but the
+    final one plus every block of the final stage (which is what the paper's six are for ResNet-50). Without paper
+    names, up to six blocks evenly spread over depth, the last included."""
+    names = {stats.paper_name(b): b for b in stats.blocks}
+    if all(p in names for p in PAPER_FIG6):
+        return [names[p] for p in PAPER_FIG6]
+    stages: dict[int, list[str]] = {}
+    for block in stats.blocks:
+        match = _PAPER_NAME.match(stats.paper_name(block))
+        if match:
+            stages.setdefault(int(match[1]), []).append(block)
+    if stages:
+        *early, last = sorted(stages)
+        return [stages[s][-1] for s in early] + stages[last][-3:]
+    idx = np.unique(np.linspace(0, len(stats.blocks) - 1, min(6, len(stats.blocks))).round().astype(int))
+    return [stats.blocks[i] for i in idx]
+
+
+def _panels(n: int, height: float = 2.0) -> tuple[plt.Figure, np.ndarray]:
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7.0, height * rows + 0.6), squeeze=False, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes.flat[:n]
+
+
+def _class_labels(stats: ExcitationStats, classes: Sequence[int | str] | None, limit: int) -> list[str]:
+    chosen = [stats.class_names[stats.class_index(c)] for c in classes] if classes else [
+        stats.class_names[k] for k in stats.classes
+    ]
+    return chosen if len(chosen) <= limit else chosen[: min(4, limit)]
+
+
+def plot_fig6(
+    stats: ExcitationStats,
+    *,
+    classes: Sequence[int | str] | None = None,
+    blocks: Sequence[str] | None = None,
+    channels: int = 50,
+) -> plt.Figure:
+    """Fig. 6: mean excitation against channel index, one curve per class plus the all-class mean, one panel per block.
+
+    Args:
+        stats: Captured statistics.
+        classes: Classes to draw (default: every captured class, or the first four when there are more than eight).
+        blocks: Blocks to draw (default: :func:`fig6_blocks`).
+        channels: Draw channels ``0 .. channels-1``, as the paper draws the first 50.
+    """
+    labels = _class_labels(stats, classes, MAX_CLASS_LINES)
+    blocks = list(blocks or fig6_blocks(stats))
+    with _style():
+        fig, axes = _panels(len(blocks))
+        palette = sns.color_palette("tab10" if len(labels) <= 10 else "husl", len(labels))
+        for ax, block in zip(axes, blocks):
+            for color, cls in zip(palette, labels):
+                mean = stats.mean(block, cls)[:channels]
+                ax.plot(np.arange(mean.size), mean, color=color, lw=1.0, label=cls)
+            overall = stats.mean(block)[:channels]
+            ax.plot(np.arange(overall.size), overall, color="black", lw=1.6, ls="--", label=f"{ALL} classes")
+            ax.set(title=stats.paper_name(block), xlabel="channel index", ylim=(-0.02, 1.05))
+        for ax in axes[:: min(3, len(blocks))]:
+            ax.set_ylabel("mean excitation")
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), frameon=False,
+                   bbox_to_anchor=(0.5, -0.02))
+        fig.tight_layout(rect=(0, 0.07 + 0.03 * (len(names) > 6), 1, 1))
+    return fig
+
+
+def plot_fig7(
+    stats: ExcitationStats, *, classes: Sequence[int | str] | None = None, blocks: Sequence[str] | None = None
+) -> plt.Figure:
+    """Fig. 7: mean excitation +/- one standard deviation across images, per channel, for one or two classes.
+
+    Args:
+        stats: Captured statistics.
+        classes: One or two classes (default: the first two captured).
+        blocks: Blocks to draw (default: :func:`fig6_blocks`).
+    """
+    labels = _class_labels(stats, classes, 2)[:2]
+    blocks = list(blocks or fig6_blocks(stats))
+    with _style():
+        fig, axes = _panels(len(blocks))
+        for ax, block in zip(axes, blocks):
+            for color, cls in zip(sns.color_palette("deep", 2), labels):
+                mean, std = stats.mean(block, cls), np.nan_to_num(stats.std(block, cls))
+                x = np.arange(mean.size)
+                ax.plot(x, mean, color=color, lw=0.9, label=f"{cls} (n={stats.count(block, cls)})")
+                ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=color, alpha=0.25, lw=0)
+            ax.set(title=stats.paper_name(block), xlabel="channel index", ylim=(-0.02, 1.05), xlim=(0, len(x) - 1))
+        for ax in axes[:: min(3, len(blocks))]:
+            ax.set_ylabel("excitation (mean ± std)")
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=2, frameon=False, bbox_to_anchor=(0.5, -0.02))
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def plot_specificity(metrics: pd.DataFrame) -> plt.Figure:
+    """Class-specificity (eta squared, Jensen-Shannon distance) and saturation against depth, every block.
+
+    Args:
+        metrics: :func:`analysis.stats.metrics_frame` output.
+    """
+    metrics = metrics.sort_values("depth")
+    specificity = {
+        "eta² (variance between classes)": metrics["eta2"],
+        "Jensen-Shannon distance (mean over class pairs)": metrics["js_mean"],
+    }
+    saturation = {
+        "share of channels with mean s > 0.9": metrics["saturated_share"],
+        "mean of 1 - s": metrics["one_minus_s"],
+    }
+    with _style():
+        fig, axes = plt.subplots(1, 2, figsize=(7.0, 2.9), sharex=True)
+        for ax, series, title in zip(axes, (specificity, saturation), ("class-specificity", "saturation")):
+            for (label, values), marker in zip(series.items(), "os"):
+                ax.plot(metrics["depth"], values, marker=marker, ms=4, lw=1.2, label=label)
+            ax.set(title=title, xlabel="SE block (forward order)", ylim=(-0.02, 1.02))
+            ax.set_xticks(metrics["depth"], metrics["paper_name"], rotation=60, ha="right")
+            ax.legend(loc="best", frameon=True, fontsize="small")
+        axes[0].set_ylabel("value (0 to 1)")
+        fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: plt.Figure, out_dir: str | Path, stem: str, *, dpi: int = 200) -> list[Path]:
+    """Write ``<out_dir>/<stem>.png`` and ``.pdf`` and close the figure; returns both paths."""
+    paths = [Path(out_dir) / f"{stem}.{ext}" for ext in ("png", "pdf")]
+    with _style():
+        for path in paths:
+            fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return paths
