@@ -160,7 +160,7 @@ class GateRecorder:
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
             if self.labels is None:
                 return
-            s = output.detach().flatten(2).mean(2) if output.dim() > 2 else output.detach()
+            s = output.detach().flatten(1) if output[:1, :1].numel() == 1 else output.detach().flatten(2).mean(2)
             if block not in self.moments:
                 self.moments[block] = ClassMoments(self.num_classes, s.shape[1], bins=self.bins, device=self.device)
             self.moments[block].update(s, self.labels)
@@ -246,9 +246,11 @@ def capture_excitations(
     ) as recorder:
         for images, labels in bar:
             keep = _keep(labels, set(selected) if selected is not None else None, per_class, seen)
-            if keep.any():
-                recorder.labels = labels[keep].to(device)
-                model(images[keep].to(device, non_blocking=True))
+            if not keep.all():
+                images, labels = images[keep], labels[keep]
+            if len(labels):
+                recorder.labels = labels.to(device)
+                model(images.to(device, non_blocking=True))
             if per_class is not None and wanted is not None and all(seen.get(k, 0) >= per_class for k in wanted):
                 break
     bar.close()

@@ -103,13 +103,17 @@ def plot_fig6(
             ax.set_ylabel("mean excitation")
         handles, names = axes[0].get_legend_handles_labels()
         fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), frameon=False,
-                   bbox_to_anchor=(0.5, -0.02))
-        fig.tight_layout(rect=(0, 0.07 + 0.03 * (len(names) > 6), 1, 1))
+                   bbox_to_anchor=(0.5, -0.02), title="class")
+        fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(names) > 6), 1, 1))
     return fig
 
 
 def plot_fig7(
-    stats: ExcitationStats, *, classes: Sequence[int | str] | None = None, blocks: Sequence[str] | None = None
+    stats: ExcitationStats,
+    *,
+    classes: Sequence[int | str] | None = None,
+    blocks: Sequence[str] | None = None,
+    channels: int = 50,
 ) -> plt.Figure:
     """Fig. 7: mean excitation +/- one standard deviation across images, per channel, for one or two classes.
 
@@ -117,6 +121,7 @@ def plot_fig7(
         stats: Captured statistics.
         classes: One or two classes (default: the first two captured).
         blocks: Blocks to draw (default: :func:`fig6_blocks`).
+        channels: Draw channels ``0 .. channels-1`` (hundreds of channels with bands are unreadable at paper size).
     """
     labels = _class_labels(stats, classes, 2)[:2]
     blocks = list(blocks or fig6_blocks(stats))
@@ -124,9 +129,9 @@ def plot_fig7(
         fig, axes = _panels(len(blocks))
         for ax, block in zip(axes, blocks):
             for color, cls in zip(sns.color_palette("deep", 2), labels):
-                mean, std = stats.mean(block, cls), np.nan_to_num(stats.std(block, cls))
+                mean, std = stats.mean(block, cls)[:channels], np.nan_to_num(stats.std(block, cls)[:channels])
                 x = np.arange(mean.size)
-                ax.plot(x, mean, color=color, lw=0.9, label=f"{cls} (n={stats.count(block, cls)})")
+                ax.plot(x, mean, color=color, lw=1.0, label=f"class {cls} (n={stats.count(block, cls)})")
                 ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=color, alpha=0.25, lw=0)
             ax.set(title=stats.paper_name(block), xlabel="channel index", ylim=(-0.02, 1.05), xlim=(0, len(x) - 1))
         for ax in axes[:: min(3, len(blocks))]:
@@ -153,13 +158,13 @@ def plot_specificity(metrics: pd.DataFrame) -> plt.Figure:
         "mean of 1 - s": metrics["one_minus_s"],
     }
     with _style():
-        fig, axes = plt.subplots(1, 2, figsize=(7.0, 2.9), sharex=True)
+        fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.4), sharex=True)
         for ax, series, title in zip(axes, (specificity, saturation), ("class-specificity", "saturation")):
             for (label, values), marker in zip(series.items(), "os"):
                 ax.plot(metrics["depth"], values, marker=marker, ms=4, lw=1.2, label=label)
             ax.set(title=title, xlabel="SE block (forward order)", ylim=(-0.02, 1.02))
             ax.set_xticks(metrics["depth"], metrics["paper_name"], rotation=60, ha="right")
-            ax.legend(loc="best", frameon=True, fontsize="small")
+            ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.1), frameon=False, fontsize="small")
         axes[0].set_ylabel("value (0 to 1)")
         fig.tight_layout()
     return fig

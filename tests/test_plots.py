@@ -64,7 +64,7 @@ def test_fig6_draws_each_class_and_the_all_class_mean_on_50_channels() -> None:
 def test_fig7_bands_and_specificity_axes(tmp_path) -> None:
     stats = fake_stats(resnet_names([1, 1]))
     fig = plot_fig7(stats, classes=["c2"])
-    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["c2 (n=20)"]
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["class c2 (n=20)"]
     assert len(fig.axes[0].collections) == 1  # the +/- std band
     spec = plot_specificity(metrics_frame(stats))
     assert [t.get_text() for t in spec.axes[0].get_xticklabels()] == ["SE_2_1", "SE_3_1"]
