@@ -1,0 +1,153 @@
+"""The paper's removal check (Sec. 7.2): accuracy with some SE blocks removed, or with their gates frozen.
+
+Two ways to take a block's excitation out, next to the intact model:
+
+- ``removed``: :func:`se_surgery.remove_se` takes the SE module out of the graph (the block computes ``x``, not
+  ``s * x``); the saving is the SE's parameters.
+- ``fixed``: the gate outputs its dataset-mean excitation (the all-class mean captured by
+  :func:`analysis.capture_excitations`), a constant channel scale that could be folded into the preceding batch norm,
+  so it saves the same parameters. It tells "the block is an identity" (a saturated SE_5_2) apart from "the block is
+  a class-agnostic rescaling" (SE_5_3).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from analysis.capture import eval_mode, find_gates, model_paper_names, select_blocks
+from analysis.errors import AnalysisError
+from analysis.excitation_stats import ExcitationStats
+
+__all__ = ["ConstantGate", "ablate", "ablation_blocks", "evaluate", "fix_gates"]
+
+LAST_STAGE = "last-stage"
+ALL_BLOCKS = "all"
+_STAGE = re.compile(r"SE_(\d+)_\d+")
+
+
+class ConstantGate(nn.Module):
+    """A gate that ignores its input and returns a fixed per-channel excitation.
+
+    Args:
+        value: ``(C,)`` excitation per channel.
+    """
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("value", value.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2))).expand_as(x)
+
+
+def ablation_blocks(model: nn.Module, spec: str) -> list[str]:
+    """SE module names from ``--ablate``: comma-separated block names / paper names, ``last-stage`` or ``all``.
+
+    Raises:
+        AnalysisError: unknown names (the valid ones are listed), or a model without paper names for ``last-stage``.
+    """
+    gates, paper = find_gates(model), model_paper_names(model)
+    if spec.strip() == ALL_BLOCKS:
+        return list(gates)
+    if spec.strip() != LAST_STAGE:
+        return select_blocks(gates, paper, [s.strip() for s in spec.split(",") if s.strip()])
+    stages = {b: int(m[1]) for b, p in paper.items() if (m := _STAGE.fullmatch(p))}
+    if not stages:
+        raise AnalysisError(
+            f"'{LAST_STAGE}' needs SE_<stage>_<block> names, which this model has not: name the blocks instead, "
+            f"e.g. --ablate {','.join(list(gates)[-2:])}"
+        )
+    last = max(stages.values())
+    return [b for b in gates if stages.get(b) == last]
+
+
+def fix_gates(model: nn.Module, means: dict[str, np.ndarray]) -> nn.Module:
+    """A copy of ``model`` whose gates of the blocks in ``means`` return those constant excitations."""
+    fixed = copy.deepcopy(model)
+    gates = find_gates(fixed)
+    for block, value in means.items():
+        fixed.set_submodule(gates[block], ConstantGate(torch.as_tensor(value, dtype=torch.float32)))
+    return fixed
+
+
+def evaluate(
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, desc: str = "eval", progress: bool = False
+) -> tuple[float, float, int]:
+    """Top-1 and top-5 accuracy in percent (top-k with k capped at the number of classes), and the image count."""
+    device = next(model.parameters()).device
+    correct1 = correct5 = total = 0
+    with eval_mode(model), torch.no_grad():
+        for images, labels in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+            logits = model(images.to(device, non_blocking=True))
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+            hits = top == labels.view(-1, 1)
+            correct1 += int(hits[:, 0].sum())
+            correct5 += int(hits.any(1).sum())
+            total += len(labels)
+    return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1), total
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def ablate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    blocks: list[str],
+    stats: ExcitationStats,
+    *,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Accuracy and parameters of the intact model, ``blocks`` removed, and ``blocks`` with fixed gates.
+
+    Args:
+        model: A model from :func:`se_surgery.add_se` (``remove_se`` must know its SE blocks).
+        loader: The evaluation data.
+        blocks: SE module names to take out.
+        stats: Captured statistics holding ``blocks`` (their all-class means fix the gates).
+        progress: tqdm bars.
+
+    Returns:
+        One row per variant: ``variant, blocks, top1, top5, images, params, se_overhead_pct`` (SE parameters as a
+        percentage of the model without any SE, the paper's ~10% -> ~4%), ``params_saved``.
+
+    Raises:
+        AnalysisError: the model's SE blocks were not inserted by ``add_se``, or a block was not captured.
+    """
+    from se_surgery import SurgeryError, remove_se
+
+    missing = [b for b in blocks if b not in stats.moments]
+    if missing:
+        raise AnalysisError(f"blocks {missing} were not captured: capture them too (drop --blocks) to fix their gates")
+    try:
+        base = remove_se(model)
+        removed = remove_se(model, blocks)
+    except SurgeryError as err:
+        raise AnalysisError(f"--ablate needs SE blocks inserted by se_surgery.add_se ({err})") from None
+    fixed = fix_gates(model, {b: stats.mean(b) for b in blocks})
+    base_params, intact_params = _params(base), _params(model)
+    names = ",".join(stats.paper_name(b) for b in blocks)
+    rows = []
+    for variant, net, params in [("intact", model, intact_params), ("removed", removed, _params(removed)),
+                                 ("fixed", fixed, _params(removed))]:
+        top1, top5, n = evaluate(net, loader, desc=variant, progress=progress)
+        rows.append({
+            "variant": variant,
+            "blocks": "" if variant == "intact" else names,
+            "top1": top1,
+            "top5": top5,
+            "images": n,
+            "params": params,
+            "se_overhead_pct": 100.0 * (params - base_params) / base_params,
+            "params_saved": intact_params - params,
+        })
+    return pd.DataFrame(rows)

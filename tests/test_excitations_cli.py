@@ -1,0 +1,151 @@
+"""`python -m analysis.excitations` end to end on a checkpoint trained in the test, and its refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.image as mpimg  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
+
+from analysis.ablation import evaluate  # noqa: E402
+from analysis.excitations import main  # noqa: E402
+
+PER_CLASS = 4
+FIGURES = ("fig6", "fig7", "specificity")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> pathlib.Path:
+    """An SE-ResNet-18 trained for one step of 64 digits by the trainer's Python API (seconds, not a minute)."""
+    from se_surgery.recipe import get_recipe
+    from se_surgery.train import train
+
+    run = tmp_path_factory.mktemp("run")
+    train(get_recipe(epochs=1, num_samples=64, batch_size=64, workers=0, eval_batch_size=360), run, progress=False)
+    return run / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def study(ckpt, tmp_path_factory) -> tuple[pathlib.Path, str]:
+    out = tmp_path_factory.mktemp("study")
+    args = ["--ckpt", str(ckpt), "--per-class", str(PER_CLASS), "--out", str(out), "--ablate", "all", "--no-progress"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(args) == 0
+    return out, stdout.getvalue()
+
+
+def test_cli_writes_every_file_with_sensible_content(study) -> None:
+    out, printed = study
+    assert "SE_5_2" in printed and "removed" in printed and "wrote" in printed  # the closing table
+    csv = pd.read_csv(out / "excitations.csv")
+    assert list(csv.columns) == ["block", "paper_name", "depth", "class", "channel", "n", "mean", "std"]
+    assert csv["block"].nunique() == 8 and csv["paper_name"].iloc[-1] == "SE_5_2" and csv["depth"].max() == 8
+    per_class = csv[csv["class"] != "all"]
+    assert set(per_class["class"].astype(str)) == {str(k) for k in range(10)} and (per_class["n"] == PER_CLASS).all()
+    assert (csv[csv["class"] == "all"]["n"] == 10 * PER_CLASS).all()
+    assert csv["mean"].between(0, 1).all() and (csv["std"] >= 0).all()
+    channels = csv.groupby("block")["channel"].max().add(1).sum()
+    assert len(csv) == 11 * channels  # ten classes + the all-class rows, for every channel of every block
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["images_per_class"] == {str(k): PER_CLASS for k in range(10)}
+    assert [b["paper_name"] for b in summary["blocks"]][:2] == ["SE_2_1", "SE_2_2"]
+    for block in summary["blocks"]:
+        assert 0 <= block["eta2"] <= 1 and 0 <= block["saturated_share"] <= 1 and 0 <= block["js_mean"] <= 1
+        assert block["anova_p"] is None or 0 <= block["anova_p"] <= 1
+    assert [a["variant"] for a in summary["ablation"]] == ["intact", "removed", "fixed"]
+
+    for stem in FIGURES:
+        image = mpimg.imread(out / f"{stem}.png")
+        assert image.shape[1] >= 1000 and image.std() > 0.05
+        assert (out / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_ablating_every_block_gives_the_base_models_accuracy(ckpt, study) -> None:
+    out, _ = study
+    ablation = pd.read_csv(out / "ablation.csv").set_index("variant")
+    # the reference: a plain torchvision ResNet-18 holding the checkpoint's weights without the SE ones
+    from se_surgery.data import build_dataset
+
+    payload = torch.load(ckpt, weights_only=True)
+    cfg = payload["model_config"]
+    base = torchvision.models.resnet18(num_classes=10)
+    base.load_state_dict({k: v for k, v in payload["model"].items() if ".se." not in k})
+    val = build_dataset(cfg["data"], "val", input_size=cfg["input_size"], resize=cfg["resize"], mean=cfg["mean"])
+    first = [i for k in range(10) for i in [j for j, t in enumerate(val.targets) if t == k][:PER_CLASS]]
+    top1, top5, n = evaluate(base, DataLoader(Subset(val, sorted(first)), batch_size=128))
+    assert ablation.loc["removed", "images"] == n == 10 * PER_CLASS
+    assert ablation.loc["removed", "top1"] == pytest.approx(top1) and ablation.loc["removed", "top5"] == pytest.approx(top5)
+    assert ablation.loc["removed", "params"] == sum(p.numel() for p in base.parameters())
+    assert ablation.loc["removed", "se_overhead_pct"] == 0 < ablation.loc["intact", "se_overhead_pct"]
+
+
+def _one_line_error(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+class Payload:
+    """Unpickling this creates a marker file: the code a malicious checkpoint would run."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path, capsys) -> None:
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"model": {}, "model_config": Payload(marker)}, evil)
+    err = _one_line_error(capsys, ["--ckpt", str(evil), "--out", str(tmp_path / "out")])
+    assert "refusing to run its code" in err
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the control: a loader that trusts the file does run the payload
+    assert marker.exists()
+
+
+def test_bad_checkpoints_give_one_line_errors(ckpt, tmp_path, capsys) -> None:
+    out = ["--out", str(tmp_path / "out")]
+    assert "no checkpoint at" in _one_line_error(capsys, ["--ckpt", str(tmp_path / "missing.pt"), *out])
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(ckpt.read_bytes()[:5000])
+    assert "damaged" in _one_line_error(capsys, ["--ckpt", str(truncated), *out])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    assert "not an se-surgery checkpoint" in _one_line_error(capsys, ["--ckpt", str(foreign), *out])
+    payload = torch.load(ckpt, weights_only=True)
+    payload["model_config"]["surgery"] = None
+    payload["model"] = {k: v for k, v in payload["model"].items() if ".se." not in k}
+    plain = tmp_path / "plain.pt"
+    torch.save(payload, plain)
+    assert "no SE block" in _one_line_error(capsys, ["--ckpt", str(plain), *out])
+
+
+def test_bad_names_and_outputs_give_one_line_errors(ckpt, tmp_path, capsys) -> None:
+    base = ["--ckpt", str(ckpt), "--out", str(tmp_path / "out")]
+    err = _one_line_error(capsys, [*base, "--classes", "3,goldfish"])
+    assert "unknown class 'goldfish'" in err and "0, 1, 2" in err
+    err = _one_line_error(capsys, [*base, "--blocks", "SE_5_2,SE_9_9"])
+    assert "SE_9_9" in err and "SE_2_1, SE_2_2" in err
+    assert "SE_7_1" in _one_line_error(capsys, [*base, "--ablate", "SE_7_1"])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # --out is checked first: with a missing checkpoint too, the error is about --out
+    err = _one_line_error(capsys, ["--ckpt", str(tmp_path / "missing.pt"), "--out", str(blocker / "sub")])
+    assert "cannot write to --out" in err
