@@ -1,0 +1,180 @@
+"""Datasets and the SENet recipe's transforms.
+
+Two sources, one call (:func:`build_dataset`):
+
+* ``"digits"``: scikit-learn's bundled handwritten digits (1,797 real 8x8 greyscale images, 10 classes; no download),
+  scaled to 32x32 RGB and split 80/20 into train/val with a fixed seed, stratified by class.
+* a folder in ImageNet layout, ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (torchvision ``ImageFolder``).
+
+The transforms are the paper's: random-size crop + horizontal flip for training; resize + centre crop for evaluation;
+mean-channel subtraction only (no division by the standard deviation).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+__all__ = ["DIGITS", "IMAGENET_MEAN", "DataError", "Digits", "build_dataset", "build_transform", "default_mean"]
+
+DIGITS = "digits"
+# Per-channel ImageNet mean in [0, 1] pixel units (torchvision's weights use it): the mean that "mean-channel
+# subtraction" removes when training on a folder, unless the recipe gives another.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """A data folder, class folder or image that cannot be used; the message names the path and what to do."""
+
+
+class Digits(Dataset):
+    """scikit-learn's handwritten digits as 32x32 RGB images, with a fixed, seeded, stratified train/val split.
+
+    Args:
+        split: ``"train"`` (1,437 images) or ``"val"`` (360 images).
+        transform: Applied to each ``3 x 32 x 32`` ``uint8`` image tensor.
+    """
+
+    size = 32
+
+    def __init__(self, split: str, transform=None) -> None:
+        if split not in _SPLITS:
+            raise DataError(f"unknown split {split!r} for the digits: use one of {_SPLITS}")
+        images, targets = _digits_split(split)
+        self.images = images
+        self.targets: list[int] = targets.tolist()
+        self.classes: list[str] = [str(d) for d in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+@functools.lru_cache(maxsize=2)
+def _digits_split(split: str) -> tuple[torch.Tensor, np.ndarray]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    index = np.arange(len(bunch.target))
+    train, val = train_test_split(index, test_size=0.2, random_state=0, stratify=bunch.target)
+    chosen = np.sort(train if split == "train" else val)
+    # Pixel values are 0..16; upsample bilinearly 4x to 32x32 so an unchanged ImageNet stem (stride 4) sees the
+    # digits at their native 8x8 resolution, then replicate to three channels as the RGB models expect.
+    small = torch.from_numpy(bunch.images[chosen]).float().unsqueeze(1) / 16.0
+    big = F.interpolate(small, size=(Digits.size, Digits.size), mode="bilinear", align_corners=False)
+    images = (big.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return images, bunch.target[chosen]
+
+
+def default_mean(data: str) -> tuple[float, float, float]:
+    """The per-channel mean (in [0, 1]) to subtract: the digits' own training mean, else ImageNet's."""
+    if data != DIGITS:
+        return IMAGENET_MEAN
+    images, _ = _digits_split("train")
+    return tuple(round(float(m), 6) for m in images.float().mean(dim=(0, 2, 3)) / 255)
+
+
+def build_transform(
+    *,
+    train: bool,
+    input_size: int,
+    resize: int | None = None,
+    mean: Sequence[float],
+    min_scale: float = 0.08,
+    flip: bool = True,
+) -> v2.Compose:
+    """The recipe's transform: PIL image or ``uint8`` tensor in, mean-subtracted ``float32`` tensor out.
+
+    Args:
+        train: Random-size crop (area fraction in ``[min_scale, 1]``) + optional horizontal flip if True; otherwise
+            resize the shorter side to ``resize`` and take the centre ``input_size`` crop.
+        input_size: Side of the crop the network sees (224 in the paper).
+        resize: Evaluation resize (256 in the paper); ``None`` keeps the paper's 256/224 ratio.
+        mean: Per-channel mean in [0, 1] pixel units; subtracted, with no division by the std.
+        min_scale: Smallest crop area fraction for training (0.08 is the Inception-style random-size crop).
+        flip: Random horizontal flip for training.
+    """
+    if train:
+        steps = [v2.RandomResizedCrop(input_size, scale=(min_scale, 1.0), antialias=True)]
+        steps += [v2.RandomHorizontalFlip()] if flip else []
+    else:
+        resize = resize or round(input_size * 256 / 224)
+        steps = [v2.Resize(resize, antialias=True), v2.CenterCrop(input_size)]
+    std = [1.0, 1.0, 1.0]  # mean subtraction only, as in the paper
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), std)])
+
+
+def _load_rgb(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise DataError(f"cannot read image {path}: {e}; delete or replace the file") from None
+
+
+def build_dataset(
+    data: str,
+    split: str,
+    *,
+    input_size: int,
+    resize: int | None = None,
+    mean: Sequence[float] | None = None,
+    train: bool | None = None,
+    min_scale: float = 0.08,
+    flip: bool = True,
+) -> Dataset:
+    """A dataset with ``.classes`` (names) and ``.targets`` (class indices), transformed as the recipe says.
+
+    Args:
+        data: ``"digits"`` for the embedded digits, or a folder holding ``train/<class>/*`` and ``val/<class>/*``.
+        split: ``"train"`` or ``"val"``.
+        input_size: Crop side the network sees.
+        resize: Evaluation resize (see :func:`build_transform`).
+        mean: Per-channel mean to subtract; ``None`` means :func:`default_mean` of ``data``.
+        train: Training (random) transforms; ``None`` means ``split == "train"``.
+        min_scale: Smallest random-crop area fraction (training only).
+        flip: Random horizontal flip (training only).
+
+    Raises:
+        DataError: The folder, a split, or a class folder is missing or empty.
+
+    Examples:
+        >>> val = build_dataset("digits", "val", input_size=32, resize=32)
+        >>> len(val), val.classes[:3], tuple(val[0][0].shape)
+        (360, ['0', '1', '2'], (3, 32, 32))
+    """
+    if split not in _SPLITS:
+        raise DataError(f"unknown split {split!r}: use one of {_SPLITS}")
+    transform = build_transform(
+        train=split == "train" if train is None else train,
+        input_size=input_size,
+        resize=resize,
+        mean=default_mean(data) if mean is None else mean,
+        min_scale=min_scale,
+        flip=flip,
+    )
+    if data == DIGITS:
+        return Digits(split, transform)
+    root = Path(data).expanduser()
+    if not (root / split).is_dir():
+        hint = f"{root} does not exist" if not root.exists() else f"{root} has no {split}/ folder"
+        raise DataError(f"{hint}: pass --data a folder with train/<class>/* and val/<class>/* (ImageNet layout)")
+    try:
+        return datasets.ImageFolder(str(root / split), transform=transform, loader=_load_rgb)
+    except FileNotFoundError as e:  # no class folder, or a class folder with no image
+        raise DataError(f"{root / split}: {e}; put at least one image in every class folder") from None
