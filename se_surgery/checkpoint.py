@@ -1,0 +1,118 @@
+"""Checkpoints: atomic writes, ``weights_only`` reads, and the model rebuilt from the config saved beside its weights.
+
+A checkpoint is a dict of plain data and tensors only, so ``torch.load(path, weights_only=True)`` reads it:
+``model`` (state_dict), ``model_config`` (see :mod:`se_surgery.models`), ``config`` (the resolved recipe),
+``epoch`` (epochs completed), ``epoch_step`` (optimizer steps into the next epoch), ``step`` (optimizer steps in all),
+``metrics`` (the last epoch's), plus the trainer's ``optimizer``, ``scheduler``, ``sampler`` and ``progress``
+states. There is no RNG state to restore: the trainer reseeds from ``(seed, epoch, step, rank)`` at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SurgeryError
+from .recipe import TrainError
+
+__all__ = ["CheckpointError", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged, unsafe or foreign; the message says which and what to do."""
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically: a reader (or a crash at any moment) sees the old file or the new one.
+
+    The bytes go to a temporary file in the same folder, are flushed and fsynced, then ``os.replace`` puts the
+    file in place and the folder is fsynced so that the rename itself survives a power cut.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """The raw payload of an se-surgery checkpoint, read with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: missing, truncated, not plain data, or not an se-surgery checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: check the path (a run folder holds last.pt and best.pt)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} holds more than tensors and plain data ({first}); refusing to run its code: "
+            "re-save its state_dict with plain data, or use a checkpoint written by se_surgery.train"
+        ) from None
+    except Exception as e:  # truncated zip, not a torch file at all, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is damaged or not a torch checkpoint ({first}): use another one (e.g. best.pt) or retrain"
+        ) from None
+    if not isinstance(payload, dict) or "model_config" not in payload or "model" not in payload:
+        raise CheckpointError(
+            f"{path} is not an se-surgery checkpoint (no model_config/model): load it with torch.load, "
+            "or use a checkpoint written by python -m se_surgery.train"
+        )
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained as and load its weights.
+
+    Args:
+        path: A ``last.pt``/``best.pt`` written by ``python -m se_surgery.train``.
+        map_location: Where to put the tensors (as in ``torch.load``).
+
+    Returns:
+        ``(model, info)``: the model in eval mode, and everything else in the checkpoint (``model_config``,
+        ``config``, ``epoch``, ``step``, ``metrics``, ...).
+
+    Raises:
+        CheckpointError: the file is missing, damaged, unsafe, foreign, or its weights do not fit its config.
+
+    Examples:
+        >>> model, info = load_checkpoint("runs/demo/best.pt")  # doctest: +SKIP
+        >>> info["metrics"]["val_top1"], info["model_config"]["class_names"][:3]  # doctest: +SKIP
+        (98.6, ['0', '1', '2'])
+    """
+    from .models import build_model  # here, not at the top: models imports the surgery stack
+
+    payload = read_checkpoint(path, map_location)
+    info = {k: v for k, v in payload.items() if k != "model"}
+    try:
+        model = build_model(info["model_config"])
+        model.load_state_dict(payload["model"])
+    except (TrainError, SurgeryError, RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: cannot rebuild its model ({first}): is the installed se-surgery older?") from None
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    return model.eval(), info

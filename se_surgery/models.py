@@ -1,0 +1,97 @@
+"""Build a (SE-)model from a plain-data ``model_config``: the same call makes it for training and rebuilds it later.
+
+A ``model_config`` is JSON-able and holds everything needed: ``arch`` (a ``torchvision.models.get_model`` name or
+``timm:<name>``), ``arch_kwargs``, ``surgery`` (``{"reduction", "init", "owners"}``, the exact owner names of the
+blocks that got an SE, or ``None`` for the plain model), ``num_classes``, ``class_names``, and the data settings
+``data``, ``input_size``, ``resize`` and ``mean`` that the evaluation transform needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .naming import owner_of
+from .recipe import TrainError
+from .surgery import add_se, se_blocks
+
+__all__ = ["build_model", "make_model_config"]
+
+log = logging.getLogger(__name__)
+_TIMM = "timm:"
+
+
+def _base(arch: str, kwargs: dict[str, Any], num_classes: int, pretrained: bool) -> nn.Module:
+    if arch.startswith(_TIMM):
+        try:
+            import timm
+        except ImportError:
+            raise TrainError(f"arch {arch!r} needs timm: pip install timm, or pick a torchvision arch") from None
+        try:
+            return timm.create_model(arch[len(_TIMM) :], pretrained=pretrained, num_classes=num_classes, **kwargs)
+        except RuntimeError as e:  # timm's "Unknown model"
+            raise TrainError(f"{e}: pick a name from timm.list_models()") from None
+    from torchvision.models import get_model, list_models
+
+    if arch not in list_models():
+        raise TrainError(f"unknown arch {arch!r}: pick a torchvision.models.list_models() name or timm:<name>")
+    if not pretrained:
+        return get_model(arch, num_classes=num_classes, **kwargs)
+    model = get_model(arch, weights="DEFAULT", **kwargs)
+    heads = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if heads and heads[-1][1].out_features != num_classes:  # new classifier for our classes
+        name, old = heads[-1]
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, nn.Linear(old.in_features, num_classes))
+    return model
+
+
+def build_model(config: dict[str, Any], *, pretrained: bool = False) -> nn.Module:
+    """The model ``config`` describes (random weights unless ``pretrained``), SE blocks where it says.
+
+    Raises:
+        TrainError: unknown architecture, missing timm, or pretrained weights that cannot be fetched.
+        SurgeryError: the surgery fails on this architecture.
+    """
+    try:
+        model = _base(config["arch"], dict(config.get("arch_kwargs") or {}), config["num_classes"], pretrained)
+    except OSError as e:  # urllib's URLError included: no network
+        from torch.hub import get_dir
+
+        raise TrainError(
+            f"cannot fetch pretrained weights for {config['arch']} ({e}); offline, copy the weights file into "
+            f"{get_dir()}/checkpoints, or drop --pretrained"
+        ) from None
+    surgery = config.get("surgery")
+    if surgery:
+        owners = surgery.get("owners")
+        wanted = None if owners is None else set(owners).__contains__
+        size = config.get("input_size", 224)
+        model = add_se(
+            model,
+            surgery["reduction"],
+            where=wanted,
+            init=surgery["init"],
+            example_input=torch.zeros(2, 3, size, size),
+            inplace=True,
+        )
+    return model
+
+
+def make_model_config(model: nn.Module, recipe: Any, class_names: list[str]) -> dict[str, Any]:
+    """The ``model_config`` of a freshly built ``model`` trained with ``recipe`` (a resolved :class:`Recipe`)."""
+    owners = list(dict.fromkeys(owner_of(name)[0] for name in se_blocks(model)))
+    return {
+        "arch": recipe.arch,
+        "arch_kwargs": dict(recipe.arch_kwargs),
+        "surgery": {"reduction": recipe.reduction, "init": recipe.se_init, "owners": owners} if recipe.se else None,
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "data": recipe.data,
+        "input_size": recipe.input_size,
+        "resize": recipe.resize,
+        "mean": list(recipe.mean),
+    }
