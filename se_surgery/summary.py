@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
             f"\n{'':14}{'ours':>22}{'paper (SENet Table 2)':>26}\n"
             f"{'params (M)':14}{result.params_base / 1e6:>10.1f} -> {result.params_se / 1e6:<8.1f}{p0:>14.1f} -> {p1:.1f}\n"
             f"{'GMACs':14}{result.macs_base / 1e9:>10.2f} -> {result.macs_se / 1e9:<8.2f}{g0:>14.2f} -> {g1:.2f}\n"
-            "Our multiply-adds count convolutions and linear layers (torch's flop counter); the paper's +0.26% also\n"
-            "counts the SE's pooling and channel-wise scaling. Base counts differ for the same reason (3.86 vs 4.09)."
+            "Multiply-adds here count convolutions and linear layers (torch's flop counter); the paper's +0.26%\n"
+            "also counts the SE's pooling and channel-wise scaling. The base counts differ because torchvision's\n"
+            "ResNets are v1.5 (stride in the 3x3 conv, 4.09 GMACs), the paper's the original (3.86)."
         )
 
 
