@@ -17,7 +17,7 @@ from torch import nn
 
 from .recipe import TrainError
 
-__all__ = ["Env", "setup", "teardown", "all_sum", "check_replicas_in_sync"]
+__all__ = ["Env", "setup", "teardown", "all_sum", "broadcast_buffers", "check_replicas_in_sync"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,17 @@ def all_sum(values: torch.Tensor, env: Env) -> torch.Tensor:
         values = values.to(env.device)
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values.cpu()
+
+
+def broadcast_buffers(model: nn.Module, env: Env) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP does this at the start of each forward, so after the last training step each rank still holds the statistics
+    of its own last batch; evaluation and checkpoints need the ones DDP would use next.
+    """
+    if env.world_size > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def check_replicas_in_sync(model: nn.Module, env: Env) -> int:

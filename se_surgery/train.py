@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .data import DataError, build_dataset
-from .distributed import Env, all_sum, check_replicas_in_sync, setup, teardown
+from .distributed import Env, all_sum, broadcast_buffers, check_replicas_in_sync, setup, teardown
 from .metrics import MetricsWriter, topk_correct
 from .models import build_model, make_model_config
 from .recipe import Recipe, TrainError
@@ -205,6 +205,7 @@ def _train(recipe: Recipe, out: Path, resume, tensorboard: bool, progress: bool,
         totals, images = _train_epoch(ctx, loader, epoch, epoch_step, totals, best, progress)
         train_seconds = time.perf_counter() - started
         scheduler.step()
+        broadcast_buffers(raw, env)
         val = _evaluate(raw, val_loader, env, recipe)
         crc = check_replicas_in_sync(raw, env)
         loss_sum, correct, seen = totals.tolist()
