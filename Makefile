@@ -17,6 +17,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m se_surgery.summary resnet50
+	# --resume auto: a rerun continues (or, once finished, just reports) runs/demo instead of refusing it
+	$(PY) -m se_surgery.train --out runs/demo --resume auto
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
