@@ -1,7 +1,27 @@
-"""Excitation analysis of SE networks: capture, per-block metrics, the paper's figures, and the removal check."""
+"""Excitation analysis of SE networks (SENet Sec. 7.2): capture, per-block metrics, the paper's figures, removal check.
 
+Examples:
+    >>> from analysis import capture_excitations, metrics_frame, plot_fig6
+    >>> stats = capture_excitations(model, val_loader, per_class=50)  # doctest: +SKIP
+    >>> metrics_frame(stats)[["paper_name", "eta2", "saturated_share"]]  # doctest: +SKIP
+"""
+
+from analysis.ablation import ablate
 from analysis.capture import capture_excitations
 from analysis.errors import AnalysisError
 from analysis.excitation_stats import ExcitationStats
+from analysis.plots import plot_fig6, plot_fig7, plot_specificity, save_figure
+from analysis.stats import block_metrics, metrics_frame
 
-__all__ = ["AnalysisError", "ExcitationStats", "capture_excitations"]
+__all__ = [
+    "AnalysisError",
+    "ExcitationStats",
+    "ablate",
+    "block_metrics",
+    "capture_excitations",
+    "metrics_frame",
+    "plot_fig6",
+    "plot_fig7",
+    "plot_specificity",
+    "save_figure",
+]

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 from tqdm.auto import tqdm
@@ -240,7 +241,8 @@ def capture_excitations(
     wanted = set(selected) if selected is not None else (set(range(len(names))) if names else None)
     device = next(model.parameters()).device
     seen: dict[int, int] = {}
-    bar = tqdm(loader, desc="excitations", unit="batch", disable=not progress, leave=False)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    bar = tqdm(loader, desc="excitations", unit="batch", disable=not progress or rank != 0, leave=False)
     with eval_mode(model), torch.no_grad(), GateRecorder(
         model, {b: gates[b] for b in chosen}, num_classes, bins=bins, device=device
     ) as recorder:

@@ -123,6 +123,18 @@ def _table(frame: pd.DataFrame, columns: dict[str, str]) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 1e-3 and v else f"{v:.3f}")
 
 
+def _check_numbers_and_device(args: argparse.Namespace) -> None:
+    for flag, value in (("--per-class", args.per_class), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise AnalysisError(f"{flag} {value}: give a positive number")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise AnalysisError(f"--device {args.device!r} is not a torch device ({err}): use e.g. cpu or cuda:0") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AnalysisError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+
+
 class Result(NamedTuple):
     """What a run wrote: the summary (as in summary.json), the metrics and ablation tables, the output folder."""
 
@@ -140,8 +152,7 @@ def run(args: argparse.Namespace) -> Result:
     started = time.perf_counter()
     ckpt = Path(args.ckpt)
     out = _writable_out(Path(args.out) if args.out else ckpt.parent / "excitations")
-    if args.per_class is not None and args.per_class < 1:
-        raise AnalysisError(f"--per-class {args.per_class}: give a positive number of images, or leave it out for all")
+    _check_numbers_and_device(args)
     model, info = load_checkpoint(ckpt, map_location="cpu")
     cfg = info["model_config"]
     gates, paper = find_gates(model), model_paper_names(model)

@@ -65,6 +65,18 @@ def _panels(n: int, height: float = 2.0) -> tuple[plt.Figure, np.ndarray]:
     return fig, axes.flat[:n]
 
 
+def _finish(fig: plt.Figure, axes: np.ndarray, ylabel: str, *, legend_title: str | None = None) -> None:
+    """Label the first panel of each row, put one legend (of the first panel's curves) under the grid."""
+    for ax in axes[:: min(3, len(axes))]:
+        ax.set_ylabel(ylabel)
+    handles, names = axes[0].get_legend_handles_labels()
+    ncol = min(len(names), 6)
+    fig.legend(handles, names, loc="lower center", ncol=ncol, frameon=False, bbox_to_anchor=(0.5, -0.02),
+               title=legend_title)
+    legend_rows = -(-len(names) // ncol) + (legend_title is not None)
+    fig.tight_layout(rect=(0, 0.01 + 0.035 * legend_rows, 1, 1))
+
+
 def _class_labels(stats: ExcitationStats, classes: Sequence[int | str] | None, limit: int) -> list[str]:
     chosen = [stats.class_names[stats.class_index(c)] for c in classes] if classes else [
         stats.class_names[k] for k in stats.classes
@@ -99,12 +111,7 @@ def plot_fig6(
             overall = stats.mean(block)[:channels]
             ax.plot(np.arange(overall.size), overall, color="black", lw=1.6, ls="--", label=f"{ALL} classes")
             ax.set(title=stats.paper_name(block), xlabel="channel index", ylim=(-0.02, 1.05))
-        for ax in axes[:: min(3, len(blocks))]:
-            ax.set_ylabel("mean excitation")
-        handles, names = axes[0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), frameon=False,
-                   bbox_to_anchor=(0.5, -0.02), title="class")
-        fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(names) > 6), 1, 1))
+        _finish(fig, axes, "mean excitation", legend_title="class")
     return fig
 
 
@@ -134,11 +141,7 @@ def plot_fig7(
                 ax.plot(x, mean, color=color, lw=1.0, label=f"class {cls} (n={stats.count(block, cls)})")
                 ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=color, alpha=0.25, lw=0)
             ax.set(title=stats.paper_name(block), xlabel="channel index", ylim=(-0.02, 1.05), xlim=(0, len(x) - 1))
-        for ax in axes[:: min(3, len(blocks))]:
-            ax.set_ylabel("excitation (mean ± std)")
-        handles, names = axes[0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="lower center", ncol=2, frameon=False, bbox_to_anchor=(0.5, -0.02))
-        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        _finish(fig, axes, "excitation (mean ± std)")
     return fig
 
 

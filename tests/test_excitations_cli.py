@@ -144,6 +144,7 @@ def test_bad_names_and_outputs_give_one_line_errors(ckpt, tmp_path, capsys) -> N
     err = _one_line_error(capsys, [*base, "--blocks", "SE_5_2,SE_9_9"])
     assert "SE_9_9" in err and "SE_2_1, SE_2_2" in err
     assert "SE_7_1" in _one_line_error(capsys, [*base, "--ablate", "SE_7_1"])
+    assert "--per-class 0" in _one_line_error(capsys, [*base, "--per-class", "0"])
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     # --out is checked first: with a missing checkpoint too, the error is about --out
