@@ -112,13 +112,16 @@ DEMO = dataclasses.replace(
     # ResNet-18 rather than -50: 4x cheaper and plenty for 10 classes. The architecture is left unchanged: the digits
     # are upsampled 8x8 -> 32x32, so the stride-4 ImageNet stem hands layer1 the digits' native 8x8 grid.
     arch="resnet18",
-    epochs=8,  # 8 epochs of 1,437 images are enough for >= 97%
-    batch_size=64,  # ~22 steps an epoch instead of ~2 on the small training set
-    lr=0.1,  # above 0.6 x 64/1024 = 0.0375: the short schedule needs the faster start
+    # zero-init of each block's last BN gamma (Goyal et al., 2017): blocks start as identities, which helps
+    # short, high-lr schedules; a torchvision ResNet option, so the architecture itself is unchanged.
+    arch_kwargs={"zero_init_residual": True},
+    epochs=8,  # the 100-epoch schedule compressed; ~350 steps reach >= 97% val top-1
+    batch_size=32,  # ~45 steps an epoch on the 1,437 training images: SGD needs steps more than big batches here
+    lr=0.1,  # above 0.6 x 32/1024: the short schedule needs the faster start
     lr_step=6,  # the paper's step decay, compressed: /10 for the last 2 of 8 epochs
     input_size=32,
     resize=32,  # evaluate on the whole 32x32 image (a 256 -> 224 style crop would cut strokes off)
-    min_scale=0.35,  # 8% of a digit is a stroke fragment; 35% still shows the digit
+    min_scale=0.8,  # 8% of a digit is a stroke fragment; mild crops keep the digit and the short run fast
     flip=False,  # mirrored digits are other symbols (or no digit at all)
     workers=0,  # the digits are in memory: worker processes cost more than they save on 2 cores
 )
