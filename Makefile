@@ -19,12 +19,15 @@ demo: $(STAMP)
 	$(PY) -m se_surgery.summary resnet50
 	# --resume auto: a rerun continues (or, once finished, just reports) runs/demo instead of refusing it
 	$(PY) -m se_surgery.train --out runs/demo --resume auto
+	$(PY) -m analysis.excitations --ckpt runs/demo/best.pt --per-class 50 --ablate last-stage
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
 bench: $(STAMP)
 	$(PY) benchmarks/surgery.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/excitations.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

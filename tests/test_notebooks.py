@@ -22,7 +22,6 @@ def test_committed_without_outputs(path):
 def test_runs_top_to_bottom(path, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("SE_SURGERY_NOTEBOOK_TMP", str(tmp_path))  # notebooks write their runs here, not in the repo
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
