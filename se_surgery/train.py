@@ -275,7 +275,11 @@ def _train_epoch(ctx: dict[str, Any], loader: DataLoader, epoch: int, epoch_step
         target = target.to(env.device, non_blocking=True)
         if recipe.channels_last:
             images_batch = images_batch.contiguous(memory_format=torch.channels_last)
-        torch.manual_seed(seed_of(recipe.seed, epoch, step, micro_index, env.rank))  # dropout & co.
+        step_seed = seed_of(recipe.seed, epoch, step, micro_index, env.rank)  # dropout & co.
+        if env.device.type == "cuda":
+            torch.manual_seed(step_seed)
+        else:  # the CPU generator alone: see SeededDataset (no CUDA seed queued with a stack trace per call)
+            torch.default_generator.manual_seed(step_seed)
         last_micro = micro_index == accum - 1
         with contextlib.nullcontext() if last_micro or env.world_size == 1 else model.no_sync():
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=recipe.amp):
