@@ -116,6 +116,9 @@ def resolve_classes(classes: Sequence[int | str] | None, names: list[str] | None
     return out
 
 
+_FLUSH_ELEMENTS = 1 << 20  # gate values held back per block before they are folded in (4 MiB in float32)
+
+
 class GateRecorder:
     """Context manager: forward hooks that stream each gate's output into per-class moments.
 
@@ -137,6 +140,9 @@ class GateRecorder:
         self.labels: torch.Tensor | None = None
         self.moments: dict[str, ClassMoments] = {}  # filled in forward order, the first time each gate fires
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        # Gate outputs wait here and are folded in a few batches at a time: one update per batch would cost more
+        # small-tensor ops than the gates themselves. Bounded by _FLUSH_ELEMENTS per block, not by the image count.
+        self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def __enter__(self) -> GateRecorder:
         try:
@@ -150,6 +156,13 @@ class GateRecorder:
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
+        for block in list(self._pending):
+            self._flush(block)
+
+    def _flush(self, block: str) -> None:
+        pending = self._pending.pop(block, [])
+        if pending:
+            self.moments[block].update(torch.cat([v for v, _ in pending]), torch.cat([l for _, l in pending]))
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""
@@ -164,7 +177,10 @@ class GateRecorder:
             s = output.detach().flatten(1) if output[:1, :1].numel() == 1 else output.detach().flatten(2).mean(2)
             if block not in self.moments:
                 self.moments[block] = ClassMoments(self.num_classes, s.shape[1], bins=self.bins, device=self.device)
-            self.moments[block].update(s, self.labels)
+            pending = self._pending.setdefault(block, [])
+            pending.append((s, self.labels))
+            if sum(v.numel() for v, _ in pending) >= _FLUSH_ELEMENTS:
+                self._flush(block)
 
         return hook
 
