@@ -50,13 +50,14 @@ class Summary:
 def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)) -> int:
     """Multiply-adds of one forward (half of torch's FLOP count, which counts 2 per multiply-add)."""
     ref = next(model.parameters())
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each module's own flag back afterwards (a frozen BN, say)
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(input_size, device=ref.device, dtype=ref.dtype))
     finally:
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
     return counter.get_total_flops() // 2
 
 

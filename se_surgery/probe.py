@@ -77,7 +77,7 @@ def probe_sums(model: nn.Module, example_input: Tensor) -> Probe:
         raise SurgeryError(
             f"{type(model).__name__} failed on the example input of shape {tuple(example_input.shape)}: "
             f"{str(err).rstrip('.')}. "
-            "Pass one it accepts: add_se(model, example_input=torch.randn(2, 3, 224, 224))."
+            f"Pass one it accepts: add_se(model, example_input=torch.randn(2, {example_input.shape[1]}, 224, 224))."
         ) from err
     finally:
         for handle in handles:

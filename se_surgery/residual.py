@@ -70,9 +70,9 @@ def _shape(node: object) -> torch.Size | None:
 def find_sums(graph: fx.Graph) -> Iterator[tuple[fx.Node, fx.Node, fx.Node]]:
     """Yield ``(add, a, b)`` for every add of two node operands with the same (propagated) shape, of rank >= 3."""
     for node in graph.nodes:
-        if not _is_add(node) or len(node.args) < 1:
+        if not _is_add(node):
             continue
-        a = node.args[0]
+        a = node.args[0] if node.args else node.kwargs.get("input")
         b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
         shape_a, shape_b = _shape(a), _shape(b)
         if shape_a is not None and shape_a == shape_b and len(shape_a) >= 3:

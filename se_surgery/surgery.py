@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import re
 from typing import Callable, Iterable, Literal, Sequence, Union
 
@@ -16,7 +17,7 @@ from torch import fx, nn
 from torchvision.ops import SqueezeExcitation
 
 from .errors import SurgeryError
-from .naming import owner_of, paper_names_for, se_name
+from .naming import paper_names_for, se_name
 from .probe import probe_sums
 from .residual import Residual, Skipped, classify_sum, find_sums
 from .tracing import build_graph_module, propagate_shapes, trace_module
@@ -26,7 +27,9 @@ __all__ = ["add_se", "remove_se", "se_blocks", "paper_names"]
 logger = logging.getLogger(__name__)
 
 Where = Union[None, Callable[[str], bool], Iterable[Union[int, str]]]
-# sigmoid(10) = 0.99995: the gates start at 1 to within 5e-5, so a pretrained network's outputs barely move.
+# sigmoid(10) = 0.99995: the gates start at 1 to within 5e-5, so a pretrained network's outputs barely move. The
+# price: sigmoid' is 4.5e-5 there and fc2 starts at zero, so the gates leave 1 slowly; a smaller bias (6-7) would
+# learn faster but changes a deep network's outputs by more than 1e-3 at the start.
 _IDENTITY_BIAS = 10.0
 
 
@@ -36,8 +39,10 @@ def _example_for(model: nn.Module, example_input: torch.Tensor | None) -> torch.
     ref = next(model.parameters(), None)
     ref = ref if ref is not None else next(model.buffers(), torch.empty(0))
     dtype = ref.dtype if ref.is_floating_point() else torch.float32
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = conv.in_channels if conv is not None else 3
     # Batch 2 so a broadcast over the batch dimension never looks like a same-shape sum; 64 px keeps the probe cheap.
-    return torch.randn(2, 3, 64, 64, device=ref.device, dtype=dtype)
+    return torch.randn(2, channels, 64, 64, device=ref.device, dtype=dtype)
 
 
 def _leaf_names(model: nn.Module, leaf_modules: Sequence[str | type]) -> set[str]:
@@ -55,7 +60,7 @@ def _where_filter(where: Where, paper: dict[str, str]) -> Callable[[str], bool]:
         return lambda owner: True
     if callable(where):
         return where
-    items = list(where)
+    items = [where] if isinstance(where, (str, int)) else list(where)
     stages = {int(paper[o].split("_")[1]) if paper[o].count("_") >= 2 else None for o in paper}
 
     def matches(item: int | str, owner: str) -> bool:
@@ -204,13 +209,20 @@ def add_se(
     for owner, (graph, found) in plans.items():
         like = next(modules[owner].parameters(), None)
         names = _free_se_names(modules[owner], owner, len(found))
-        blocks[owner] = [
-            (r, name, _make_se(r.channels, reduction, init, like, owner)) for r, name in zip(found, names)
-        ]
+        blocks[owner] = []
+        for k, (r, name) in enumerate(zip(found, names)):
+            se = _make_se(r.channels, reduction, init, like, owner)
+            se._se_surgery = {  # marks the blocks add_se made (remove_se never touches others), survives copies
+                "paper_name": paper[owner] + (f"_{k + 1}" if k else ""),
+                "order": (probe.owners.index(owner), k),  # forward order of the sums
+                "replaced_none": getattr(modules[owner], name.rpartition(".")[2], 0) is None,
+            }
+            blocks[owner].append((r, name, se))
 
     for owner in sorted(plans, key=lambda o: -o.count(".") - (o != "")):  # innermost first, root last
         gm = build_graph_module(modules[owner], plans[owner][0])
         for residual, name, se in blocks[owner]:
+            _make_out_of_place(gm.graph, residual.add)
             leaf = name.rpartition(".")[2]
             gm.__dict__.pop(leaf, None)  # timm blocks hold `self.se = None` when built without attention
             gm.add_submodule(leaf, se)
@@ -228,6 +240,24 @@ def add_se(
     return target
 
 
+def _make_out_of_place(graph: fx.Graph, add: fx.Node) -> None:
+    """``out.add_(x)`` / ``out += x`` -> ``s = out + x``, later readers of ``out`` reading ``s``.
+
+    An in-place sum mutates its first operand; once the SE scales the branch, that operand is no longer the tensor
+    later nodes read, so the mutation is made explicit in the graph (same values, in the same order).
+    """
+    in_place = (add.op == "call_method" and add.target in ("add_", "__iadd__")) or (
+        add.op == "call_function" and add.target is operator.iadd
+    )
+    if not in_place:
+        return
+    mutated = add.args[0]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    add.target = "add" if add.op == "call_method" else operator.add
+    for user in [u for u in mutated.users if order[u] > order[add]]:
+        user.replace_input_with(mutated, add)
+
+
 def _free_se_names(module: nn.Module, owner: str, count: int) -> list[str]:
     names, index = [], 0
     while len(names) < count:
@@ -243,27 +273,26 @@ _SE_LEAF = re.compile(r"se(_\d+)?")
 
 
 def se_blocks(model: nn.Module) -> dict[str, SqueezeExcitation]:
-    """The SE blocks that :func:`add_se` inserted, by module name, in forward (definition) order."""
+    """The SE blocks that :func:`add_se` inserted, by module name, in forward order."""
     found = {}
     for name, module in model.named_modules():
         owner, _, leaf = name.rpartition(".")
-        if isinstance(module, SqueezeExcitation) and _SE_LEAF.fullmatch(leaf):
+        if isinstance(module, SqueezeExcitation) and hasattr(module, "_se_surgery") and _SE_LEAF.fullmatch(leaf):
             parent = model.get_submodule(owner)
             if isinstance(parent, fx.GraphModule) and any(
                 n.op == "call_module" and n.target == leaf for n in parent.graph.nodes
             ):
                 found[name] = module
-    return found
+    return dict(sorted(found.items(), key=lambda item: item[1]._se_surgery["order"]))
 
 
 def paper_names(model: nn.Module) -> dict[str, str]:
     """Each SE block's paper name ``SE_<stage>_<block>``: ``layer1.2.se`` -> ``SE_2_3``, ``layer4.1.se`` -> ``SE_5_2``.
 
-    A second SE in the same block gets a suffix (``SE_2_3_2``).
+    Names are fixed when :func:`add_se` runs, over all the residual blocks (so ``where=`` does not renumber them);
+    a second SE in the same block gets a suffix (``SE_2_3_2``).
     """
-    owned = [(name, *owner_of(name)) for name in se_blocks(model)]
-    by_owner = paper_names_for(owner for _, owner, _ in owned)
-    return {name: by_owner[owner] + (f"_{k + 1}" if k else "") for name, owner, k in owned}
+    return {name: block._se_surgery["paper_name"] for name, block in se_blocks(model).items()}
 
 
 def remove_se(model: nn.Module, names: Iterable[str] | None = None, *, inplace: bool = False) -> nn.Module:
@@ -280,7 +309,7 @@ def remove_se(model: nn.Module, names: Iterable[str] | None = None, *, inplace: 
     target = model if inplace else copy.deepcopy(model)
     blocks, paper = se_blocks(target), paper_names(target)
     by_paper = {p: n for n, p in paper.items()}
-    chosen = list(blocks) if names is None else [by_paper.get(n, n) for n in names]
+    chosen = list(blocks) if names is None else list(dict.fromkeys(by_paper.get(n, n) for n in names))
     unknown = [n for n in chosen if n not in blocks]
     if unknown:
         raise SurgeryError(
@@ -295,6 +324,8 @@ def remove_se(model: nn.Module, names: Iterable[str] | None = None, *, inplace: 
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         gm.delete_submodule(leaf)
+        if blocks[name]._se_surgery["replaced_none"]:
+            gm.__dict__[leaf] = None  # timm blocks built without attention hold `se = None`: give it back
         touched[owner] = gm
     for gm in touched.values():
         gm.graph.lint()

@@ -45,8 +45,6 @@ def trace_module(
     tracer = _ShallowTracer(autowrap_functions=tuple(autowrap_functions))
     try:
         graph = tracer.trace(module)
-        _warn_if_mode_dependent(module, name, graph, autowrap_functions)
-        return graph
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError, ... depending on the construct
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SurgeryError(
@@ -55,28 +53,30 @@ def trace_module(
             f"leaf_modules=[{type(module).__name__}], or, if a helper function is the problem, keep it opaque with "
             f"autowrap_functions=[that_function]."
         ) from err
+    _refuse_mode_dependent(module, name, graph, autowrap_functions)
+    return graph
 
 
-def _warn_if_mode_dependent(
+def _refuse_mode_dependent(
     module: nn.Module, name: str, graph: fx.Graph, autowrap_functions: Sequence[Callable[..., Any]]
 ) -> None:
-    """fx fixes ``self.training`` at trace time; say so when the block's own forward reads it."""
+    """fx fixes ``self.training`` at trace time: refuse a block whose own forward depends on it."""
     try:
         if "training" not in inspect.getsource(type(module).forward):
             return
     except (OSError, TypeError):  # no source at hand: compare the two traces anyway
         pass
-    module.train(not module.training)
+    module.training = not module.training  # the owner's own flag only: children are leaves of this trace
     try:
         other = _ShallowTracer(autowrap_functions=tuple(autowrap_functions)).trace(module)
     finally:
-        module.train(not module.training)
+        module.training = not module.training
     if other.python_code("self").src != graph.python_code("self").src:
-        logger.warning(
-            "the forward of %s reads self.training, which torch.fx fixes at trace time (training=%s): call "
-            "add_se on the model in the mode you will use it in, or move that logic into a submodule.",
-            _display(name),
-            module.training,
+        raise SurgeryError(
+            f"the forward of {_display(name)} ({type(module).__name__}) branches on self.training, which torch.fx "
+            "would freeze at trace time (the block would act the same in train and eval mode). Move that logic "
+            f"into a submodule (e.g. nn.Dropout instead of F.dropout(..., self.training)), or leave the block "
+            f"without SE with leaf_modules=[{name!r}]."
         )
 
 
@@ -116,21 +116,27 @@ def _reordered(new: "OrderedDict[str, Any]", reference: "OrderedDict[str, Any]")
 def build_graph_module(owner: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule running ``graph`` that keeps *all* of ``owner``'s state under the same keys, in the same order.
 
-    ``fx.GraphModule`` copies only what the graph uses; children, parameters and buffers the forward never touches
-    would silently vanish from the state_dict, so they are put back. Plain attributes (``stride``, flags) are
-    carried over too, so code that reads them keeps working.
+    ``fx.GraphModule`` copies only what the graph uses, and rebuilds an indexed container (``self.blocks[0]``) as a
+    bare module holding the used children; so the owner's own children, parameters and buffers are put back, every
+    one of them. Plain attributes (``stride``, flags), hooks and each child's train/eval flag are kept too.
     """
     gm = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
     for store in ("_modules", "_parameters", "_buffers"):
         ours, theirs = getattr(gm, store), getattr(owner, store)
-        for key, value in theirs.items():
-            if key not in ours:
-                ours[key] = value
+        ours.update(theirs)
         setattr(gm, store, _reordered(ours, theirs))
     gm._non_persistent_buffers_set = set(owner._non_persistent_buffers_set)
     for key, value in vars(owner).items():
-        if not key.startswith("_") and key != "training" and key not in vars(gm):
-            if isinstance(value, (bool, int, float, str, tuple, type(None))):
+        if key in _HOOK_STORES or (not key.startswith("_") and key != "training" and key not in vars(gm)):
+            if key in _HOOK_STORES or isinstance(value, (bool, int, float, str, tuple, type(None))):
                 gm.__dict__[key] = value
-    gm.train(owner.training)
+    gm.training = owner.training  # not gm.train(): that would also reset every child's own flag (a frozen BN, say)
     return gm
+
+
+# Hook registries of nn.Module (those this torch version has): the rewritten block keeps the user's hooks.
+_HOOK_STORES = {
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+}

@@ -263,3 +263,79 @@ def test_bad_example_input():
 def test_data_dependent_block_is_plain_fx_limit():
     with pytest.raises(SurgeryError, match="cannot trace"):
         add_se(nn.Sequential(nn.Conv2d(3, 8, 3), DataDependent(8)))
+
+
+def test_in_place_add_on_the_branch_keeps_the_sum():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            out = self.bn(self.conv(x))
+            out.add_(x)  # mutates the branch; `out` is read again below
+            return torch.relu(out)
+
+    base = nn.Sequential(nn.Conv2d(3, 8, 1), Block()).eval()
+    se = add_se(base, reduction=2, init="identity").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(se(X), base(X), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(remove_se(se)(X), base(X), rtol=0, atol=0)
+
+
+def test_children_keep_their_own_train_eval_flags():
+    base = torchvision.models.resnet18().train()
+    base.layer1[0].bn1.eval()  # a frozen BN while fine-tuning
+    se = add_se(base)
+    assert not se.layer1[0].bn1.training and se.layer1[0].bn2.training
+    from se_surgery import summary
+
+    summary(se, (1, 3, 32, 32))
+    assert not se.layer1[0].bn1.training and se.layer1[0].bn2.training
+
+
+def test_indexed_container_keeps_its_type_and_every_key():
+    class Stage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = x
+            for block in self.blocks[:2]:  # the third block is never used
+                y = block(y)
+            return x + self.bn(y)
+
+    base = nn.Sequential(nn.Conv2d(3, 8, 1), Stage())
+    se = add_se(base, reduction=2)
+    assert isinstance(se[1].blocks, nn.ModuleList) and len(se[1].blocks) == 3
+    assert set(base.state_dict()) <= set(se.state_dict())
+
+
+def test_a_block_that_branches_on_self_training_is_refused():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return x + F.dropout(self.conv(x), 0.5, self.training)
+
+    with pytest.raises(SurgeryError, match="self.training.*leaf_modules"):
+        add_se(nn.Sequential(nn.Conv2d(3, 8, 1), Block()))
+
+
+def test_paper_names_survive_where_and_forward_order():
+    regnet = add_se(torchvision.models.regnet_x_400mf(), where=[4])
+    names = paper_names(regnet)
+    assert set(names.values()) == {f"SE_4_{i}" for i in range(1, len(names) + 1)}
+    assert len(se_blocks(remove_se(regnet, ["SE_4_1"]))) == len(names) - 1
+    assert list(se_blocks(add_se(TinyNet(), where="block1"))) == ["block1.se"]
+    top_first = add_se(TinyNet(), reduction=4)
+    assert list(se_blocks(top_first))[-1] == "se"  # the top-level sum runs last
+
+
+def test_one_channel_model_gets_a_fitting_example_input():
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), TinyNet().block1)
+    assert list(se_blocks(add_se(model, reduction=2))) == ["1.se"]
