@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from analysis.capture import eval_mode, find_gates, model_paper_names, select_blocks
+from analysis.capture import find_gates, model_paper_names, select_blocks
+from se_surgery.modes import eval_mode
 from analysis.errors import AnalysisError
 from analysis.excitation_stats import ExcitationStats
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from analysis.errors import AnalysisError
 from analysis.excitation_stats import ExcitationStats
 from analysis.streaming import ClassMoments
+from se_surgery.modes import eval_mode
 
 __all__ = ["GateRecorder", "capture_excitations", "find_gates", "model_paper_names"]
 
@@ -183,18 +183,6 @@ class GateRecorder:
                 self._flush(block)
 
         return hook
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and give every module its own train/eval flag back afterwards."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 def _keep(labels: torch.Tensor, selected: set[int] | None, per_class: int | None, seen: dict[int, int]) -> torch.Tensor:

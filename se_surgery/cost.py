@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from .modes import eval_mode
 
 __all__ = ["Summary", "summary", "count_macs", "PAPER"]
 
@@ -50,14 +50,8 @@ class Summary:
 def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)) -> int:
     """Multiply-adds of one forward (half of torch's FLOP count, which counts 2 per multiply-add)."""
     ref = next(model.parameters())
-    modes = {m: m.training for m in model.modules()}  # each module's own flag back afterwards (a frozen BN, say)
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(input_size, device=ref.device, dtype=ref.dtype))
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(input_size, device=ref.device, dtype=ref.dtype))
     return counter.get_total_flops() // 2
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-__all__ = ["se_name", "owner_of", "paper_names_for"]
+__all__ = ["SE_LEAF", "se_name", "owner_of", "paper_names_for"]
 
 _RESNET_BLOCK = re.compile(r"(?:^|\.)layer(\d+)\.(\d+)$")  # torchvision and timm ResNet / ResNeXt / Wide ResNet
-_SE_LEAF = re.compile(r"se(?:_(\d+))?")
+SE_LEAF = re.compile(r"se(?:_(\d+))?")  # the leaf name add_se registers an SE under
 
 
 def se_name(owner: str, index: int) -> str:
@@ -20,7 +20,7 @@ def se_name(owner: str, index: int) -> str:
 def owner_of(name: str) -> tuple[str, int]:
     """Inverse of :func:`se_name`: ``"layer1.0.se_1"`` -> ``("layer1.0", 1)``."""
     owner, _, leaf = name.rpartition(".")
-    match = _SE_LEAF.fullmatch(leaf)
+    match = SE_LEAF.fullmatch(leaf)
     if match is None:
         raise ValueError(f"{name!r} is not an SE module name (expected '<owner>.se' or '<owner>.se_<k>')")
     return owner, int(match.group(1) or 0)

@@ -7,13 +7,13 @@ holds a sum, and every block's input is at hand for shape propagation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import SurgeryError
+from .modes import eval_mode
 
 __all__ = ["Probe", "probe_sums"]
 
@@ -65,13 +65,11 @@ def probe_sums(model: nn.Module, example_input: Tensor) -> Probe:
     def post_hook(module, args, output):
         stack.pop()
 
-    was_training = {m: m.training for m in model.modules()}
     try:
         for name, module in model.named_modules():
             handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
             handles.append(module.register_forward_hook(post_hook, always_call=True))
-        model.eval()
-        with torch.no_grad(), _SumSpy(stack, probe):
+        with eval_mode(model), torch.no_grad(), _SumSpy(stack, probe):
             model(example_input)
     except Exception as err:
         raise SurgeryError(
@@ -82,6 +80,4 @@ def probe_sums(model: nn.Module, example_input: Tensor) -> Probe:
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in was_training.items():
-            module.training = mode
     return probe

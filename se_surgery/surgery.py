@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-import re
 from typing import Callable, Iterable, Literal, Sequence, Union
 
 import torch
@@ -17,7 +16,7 @@ from torch import fx, nn
 from torchvision.ops import SqueezeExcitation
 
 from .errors import SurgeryError
-from .naming import paper_names_for, se_name
+from .naming import SE_LEAF, paper_names_for, se_name
 from .probe import probe_sums
 from .residual import Residual, Skipped, classify_sum, find_sums
 from .tracing import build_graph_module, propagate_shapes, trace_module
@@ -269,15 +268,12 @@ def _free_se_names(module: nn.Module, owner: str, count: int) -> list[str]:
     return names
 
 
-_SE_LEAF = re.compile(r"se(_\d+)?")
-
-
 def se_blocks(model: nn.Module) -> dict[str, SqueezeExcitation]:
     """The SE blocks that :func:`add_se` inserted, by module name, in forward order."""
     found = {}
     for name, module in model.named_modules():
         owner, _, leaf = name.rpartition(".")
-        if isinstance(module, SqueezeExcitation) and hasattr(module, "_se_surgery") and _SE_LEAF.fullmatch(leaf):
+        if isinstance(module, SqueezeExcitation) and hasattr(module, "_se_surgery") and SE_LEAF.fullmatch(leaf):
             parent = model.get_submodule(owner)
             if isinstance(parent, fx.GraphModule) and any(
                 n.op == "call_module" and n.target == leaf for n in parent.graph.nodes

@@ -12,6 +12,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import SurgeryError
+from .modes import eval_mode
 
 __all__ = ["trace_module", "propagate_shapes", "build_graph_module"]
 
@@ -93,19 +94,14 @@ def _positional_inputs(module: nn.Module, graph: fx.Graph, args: tuple, kwargs: 
 def propagate_shapes(module: nn.Module, graph: fx.Graph, name: str, args: tuple, kwargs: dict) -> None:
     """Annotate every node of ``graph`` with ``meta["tensor_meta"]`` by running it on recorded inputs (ShapeProp)."""
     gm = fx.GraphModule(module, graph)
-    modes = {m: m.training for m in module.modules()}
     try:
-        gm.eval()  # BatchNorm must not update its running statistics on the example input
-        with torch.no_grad():
+        with eval_mode(gm), torch.no_grad():  # BatchNorm must not update its running statistics here
             ShapeProp(gm).propagate(*_positional_inputs(module, graph, args, kwargs))
     except Exception as err:
         raise SurgeryError(
             f"the traced forward of {_display(name)} ({type(module).__name__}) does not run on the inputs it received "
             f"({err}). Pass leaf_modules=[{name!r}] to leave it as it is."
         ) from err
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _reordered(new: "OrderedDict[str, Any]", reference: "OrderedDict[str, Any]") -> "OrderedDict[str, Any]":

@@ -33,6 +33,7 @@ from .metrics import MetricsWriter, topk_correct
 from .models import build_model, make_model_config
 from .recipe import Recipe, TrainError
 from .sampling import ClassAwareSampler, ShuffleSampler
+from .modes import eval_mode
 from .seeding import SeededDataset, SeededDraws, seed_of
 
 __all__ = ["train", "TrainError"]
@@ -286,15 +287,15 @@ def _train_epoch(ctx: dict[str, Any], loader: DataLoader, epoch: int, epoch_step
                 logits = model(images_batch)
             loss = nn.functional.cross_entropy(logits.float(), target)
             (loss / accum).backward()
-        value = loss.item()
+        # one host sync per step: the loss (for the NaN check) and the step's correct count together
+        value, correct = torch.stack([loss.detach().double(), topk_correct(logits.detach(), target, (1,))[0]]).tolist()
         if not math.isfinite(value):
             bar.close()
             raise TrainError(
                 f"the loss became {value} at step {epoch * steps + step + 1} (epoch {epoch + 1}); nothing saved since; "
                 f"{ctx['out'] / 'last.pt'} is the last good checkpoint: lower --lr and resume with --resume auto"
             )
-        local += torch.tensor([value * len(target), topk_correct(logits.detach(), target, (1,))[0].item(), len(target)],
-                              dtype=torch.float64)
+        local += torch.tensor([value * len(target), correct, len(target)], dtype=torch.float64)
         images += len(target) * env.world_size
         micro_index += 1
         if not last_micro:
@@ -328,19 +329,17 @@ def _save(ctx: dict[str, Any], name: str, payload: dict[str, Any]) -> None:
 @torch.no_grad()
 def _evaluate(model: nn.Module, loader: DataLoader, env: Env, recipe: Recipe) -> dict[str, float]:
     """Loss, top-1 and top-5 over the whole validation set: each rank its own shard, then exact sums."""
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss_sum, top1, top5, n
-    for images, target in loader:
-        images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
-        if recipe.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=recipe.amp):
-            logits = model(images).float()
-        loss = nn.functional.cross_entropy(logits, target, reduction="sum")
-        sums += torch.cat([loss.double().cpu()[None], topk_correct(logits, target).cpu(),
-                           torch.tensor([len(target)], dtype=torch.float64)])
-    model.train(was_training)
+    with eval_mode(model):
+        for images, target in loader:
+            images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
+            if recipe.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=recipe.amp):
+                logits = model(images).float()
+            loss = nn.functional.cross_entropy(logits, target, reduction="sum")
+            sums += torch.cat([loss.double().cpu()[None], topk_correct(logits, target).cpu(),
+                               torch.tensor([len(target)], dtype=torch.float64)])
     loss_sum, top1, top5, n = all_sum(sums, env).tolist()
     return {"val_loss": loss_sum / n, "val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n}
 

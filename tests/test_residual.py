@@ -1,7 +1,7 @@
 """The branch/skip rule on fx graphs, alone (se_surgery.residual)."""
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torchvision.ops import SqueezeExcitation
 
 from se_surgery.residual import Residual, Skipped, classify_sum, find_sums

@@ -131,3 +131,15 @@ def test_pretrained_offline_fails_clearly(tmp_path):
                "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
     run = _cli(*TINY, "--pretrained", "--out", str(tmp_path / "p"), env=offline)
     assert run.returncode == 2 and "--pretrained" in run.stderr and "checkpoints" in run.stderr, run.stderr
+
+
+def test_evaluation_gives_each_module_its_own_flag_back():
+    from torch import nn
+
+    from se_surgery.modes import eval_mode
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
+    model[1].eval()  # frozen while fine-tuning
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model[0].training and not model[1].training
