@@ -11,6 +11,7 @@ import sys
 import types
 
 from .cost import PAPER, Summary, summary
+from .errors import SurgeryError
 
 __all__ = ["main", "summary", "Summary"]
 
@@ -30,8 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.arch not in list_models():
         parser.error(f"unknown arch {args.arch!r}; try one of: resnet50, resnext50_32x4d, mobilenet_v2, convnext_tiny")
-    base = get_model(args.arch)
-    result = summary(add_se(base, args.reduction), (1, 3, args.input_size, args.input_size))
+    try:
+        se_model = add_se(get_model(args.arch), args.reduction)
+    except SurgeryError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")  # one line, no traceback
+    result = summary(se_model, (1, 3, args.input_size, args.input_size))
     print(f"{args.arch} -> SE-{args.arch}, r={args.reduction}, {args.input_size}x{args.input_size} input\n")
     print(result)
     if args.arch in PAPER and args.reduction == 16 and args.input_size == 224:

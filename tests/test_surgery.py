@@ -339,3 +339,11 @@ def test_paper_names_survive_where_and_forward_order():
 def test_one_channel_model_gets_a_fitting_example_input():
     model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), TinyNet().block1)
     assert list(se_blocks(add_se(model, reduction=2))) == ["1.se"]
+
+
+def test_summary_cli_refuses_a_model_without_residuals_in_one_line():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "se_surgery.summary", "vgg11"], capture_output=True, text=True)
+    assert run.returncode == 2 and "no residual sum in VGG" in run.stderr and "Traceback" not in run.stderr
