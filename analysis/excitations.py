@@ -146,8 +146,8 @@ class Result(NamedTuple):
 
 def run(args: argparse.Namespace) -> Result:
     """Everything the CLI does but printing."""
-    from se_surgery.checkpoint import load_checkpoint
-    from se_surgery.data import build_dataset
+    from se_surgery.train.checkpoint import load_checkpoint
+    from se_surgery.train.data import build_dataset
 
     started = time.perf_counter()
     ckpt = Path(args.ckpt)
@@ -201,9 +201,7 @@ def run(args: argparse.Namespace) -> Result:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from se_surgery import SurgeryError
-    from se_surgery.checkpoint import CheckpointError
-    from se_surgery.data import DataError
+    from se_surgery.errors import CheckpointError, DataError, SurgeryError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from se_surgery.data import build_dataset
-from se_surgery.models import build_model
-from se_surgery.recipe import get_recipe
-from se_surgery.sampling import ClassAwareSampler
+from se_surgery.train.data import build_dataset
+from se_surgery.train.models import build_model
+from se_surgery.train.recipe import get_recipe
+from se_surgery.train.sampling import ClassAwareSampler
 from se_surgery.train import train
 
 

@@ -1,5 +1,8 @@
 """se-surgery: turn any CNN into its Squeeze-and-Excitation version (Hu et al., SENet) with torch.fx.
 
+The surgery is imported eagerly; the training names (:func:`load_checkpoint`, :class:`ClassAwareSampler`) resolve on
+first use (PEP 562), so ``import se_surgery`` and :func:`add_se` never load the trainer's data and sampling stack.
+
 Examples:
     >>> import torchvision, se_surgery
     >>> model = se_surgery.add_se(torchvision.models.resnet50())
@@ -7,11 +10,11 @@ Examples:
     'SE_5_2'
 """
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .cost import summary
-from .errors import SurgeryError
-from .sampling import ClassAwareSampler
-from .surgery import add_se, paper_names, remove_se, se_blocks
+from importlib import import_module
+from typing import Any
+
+from .errors import CheckpointError, DataError, SurgeryError, TrainError
+from .surgery import add_se, paper_names, remove_se, se_blocks, summary
 
 __all__ = [
     "add_se",
@@ -22,6 +25,22 @@ __all__ = [
     "ClassAwareSampler",
     "load_checkpoint",
     "SurgeryError",
+    "TrainError",
+    "DataError",
     "CheckpointError",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {"ClassAwareSampler": ".train.sampling", "load_checkpoint": ".train.checkpoint"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -10,7 +10,7 @@ import argparse
 import sys
 import types
 
-from .cost import PAPER, Summary, summary
+from .surgery.cost import PAPER, Summary, summary
 from .errors import SurgeryError
 
 __all__ = ["main", "summary", "Summary"]

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from se_surgery import se_blocks
-from se_surgery.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from se_surgery.models import build_model, make_model_config
-from se_surgery.recipe import DEMO
+from se_surgery.errors import CheckpointError
+from se_surgery.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from se_surgery.train.models import build_model, make_model_config
+from se_surgery.train.recipe import DEMO
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_bad_files_raise_one_line_errors(tmp_path, saved):
 # bytes are written but before the rename.
 _CHILD = """
 import os, signal, sys, torch
-from se_surgery import checkpoint
+from se_surgery.train import checkpoint
 path = sys.argv[1]
 checkpoint.save_checkpoint(path, {"model": {"w": torch.ones(1000)}, "model_config": {}, "version": 1})
 real_save = torch.save

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from se_surgery.data import DataError, Digits, build_dataset, default_mean
+from se_surgery.errors import DataError
+from se_surgery.train.data import Digits, build_dataset, default_mean
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():

@@ -28,8 +28,7 @@ FIGURES = ("fig6", "fig7", "specificity")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> pathlib.Path:
     """An SE-ResNet-18 trained for one step of 64 digits by the trainer's Python API (seconds, not a minute)."""
-    from se_surgery.recipe import get_recipe
-    from se_surgery.train import train
+    from se_surgery.train import get_recipe, train
 
     run = tmp_path_factory.mktemp("run")
     train(get_recipe(epochs=1, num_samples=64, batch_size=64, workers=0, eval_batch_size=360), run, progress=False)
@@ -77,7 +76,7 @@ def test_ablating_every_block_gives_the_base_models_accuracy(ckpt, study) -> Non
     out, _ = study
     ablation = pd.read_csv(out / "ablation.csv").set_index("variant")
     # the reference: a plain torchvision ResNet-18 holding the checkpoint's weights without the SE ones
-    from se_surgery.data import build_dataset
+    from se_surgery.train.data import build_dataset
 
     payload = torch.load(ckpt, weights_only=True)
     cfg = payload["model_config"]

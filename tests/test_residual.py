@@ -1,11 +1,11 @@
-"""The branch/skip rule on fx graphs, alone (se_surgery.residual)."""
+"""The branch/skip rule on fx graphs, alone (se_surgery.surgery.residual)."""
 
 import torch
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
-from se_surgery.residual import Residual, Skipped, classify_sum, find_sums
-from se_surgery.tracing import propagate_shapes, trace_module
+from se_surgery.surgery.residual import Residual, Skipped, classify_sum, find_sums
+from se_surgery.surgery.tracing import propagate_shapes, trace_module
 
 from .models import InplaceBlock, PlusBlock, TorchAddBlock, conv_bn
 

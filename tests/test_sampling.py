@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from se_surgery.sampling import ClassAwareSampler, ShuffleSampler
+from se_surgery.train.sampling import ClassAwareSampler, ShuffleSampler
 
 # 100:1 imbalance: class 0 has 1000 images, classes 1..4 have 10 each.
 IMBALANCED = np.repeat(np.arange(5), [1000, 10, 10, 10, 10])

@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from se_surgery.checkpoint import load_checkpoint
-from se_surgery.data import build_dataset
+from se_surgery.train.checkpoint import load_checkpoint
+from se_surgery.train.data import build_dataset
 
 
 def test_two_ranks_share_each_batch_stay_in_sync_and_evaluate_exactly(tmp_path):

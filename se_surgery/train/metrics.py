@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .recipe import TrainError
+from ..errors import TrainError
 
 __all__ = ["topk_correct", "MetricsWriter"]
 

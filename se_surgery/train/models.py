@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .naming import owner_of
-from .recipe import TrainError
-from .surgery import add_se, se_blocks
+from ..errors import TrainError
+from ..surgery import add_se, se_blocks
+from ..surgery.naming import owner_of
 
 __all__ = ["build_model", "make_model_config"]
 

@@ -24,17 +24,15 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-__all__ = ["DIGITS", "IMAGENET_MEAN", "DataError", "Digits", "build_dataset", "build_transform", "default_mean"]
+from ..errors import DataError
+
+__all__ = ["DIGITS", "IMAGENET_MEAN", "Digits", "build_dataset", "build_transform", "default_mean"]
 
 DIGITS = "digits"
 # Per-channel ImageNet mean in [0, 1] pixel units (torchvision's weights use it): the mean that "mean-channel
 # subtraction" removes when training on a folder, unless the recipe gives another.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _SPLITS = ("train", "val")
-
-
-class DataError(ValueError):
-    """A data folder, class folder or image that cannot be used; the message names the path and what to do."""
 
 
 class Digits(Dataset):

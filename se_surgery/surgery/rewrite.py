@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 from torchvision.ops import SqueezeExcitation
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 from .naming import SE_LEAF, paper_names_for, se_name
 from .probe import probe_sums
 from .residual import Residual, Skipped, classify_sum, find_sums

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .recipe import TrainError
+from ..errors import TrainError
 
 __all__ = ["Env", "setup", "teardown", "all_sum", "broadcast_buffers", "check_replicas_in_sync"]
 

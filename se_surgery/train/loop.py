@@ -26,17 +26,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ..errors import DataError, TrainError
+from ..modes import eval_mode
 from .checkpoint import read_checkpoint, save_checkpoint
-from .data import DataError, build_dataset
+from .data import build_dataset
 from .distributed import Env, all_sum, broadcast_buffers, check_replicas_in_sync, setup, teardown
 from .metrics import MetricsWriter, topk_correct
 from .models import build_model, make_model_config
-from .recipe import Recipe, TrainError
+from .recipe import Recipe
 from .sampling import ClassAwareSampler, ShuffleSampler
-from .modes import eval_mode
 from .seeding import SeededDataset, SeededDraws, seed_of
 
-__all__ = ["train", "TrainError"]
+__all__ = ["train"]
 
 log = logging.getLogger(__name__)
 _MODEL_KEYS = ("arch", "arch_kwargs", "surgery", "num_classes", "class_names")
@@ -85,7 +86,7 @@ def train(
     """Train ``recipe`` into the run folder ``out``; return ``out``.
 
     Args:
-        recipe: What and how to train (see :mod:`se_surgery.recipe`; ``get_recipe()`` gives the digits demo).
+        recipe: What and how to train (see :mod:`se_surgery.train.recipe`; ``get_recipe()`` gives the digits demo).
         out: Run folder; gets ``config.json``, ``metrics.jsonl``, ``last.pt`` and ``best.pt``. A folder that already
             holds a run is refused unless ``resume`` is given.
         resume: ``"auto"`` (``out/last.pt`` if it exists, else start afresh) or a checkpoint path.
@@ -98,7 +99,7 @@ def train(
         CheckpointError: a damaged ``resume`` checkpoint.
 
     Examples:
-        >>> from se_surgery.recipe import get_recipe
+        >>> from se_surgery.train.recipe import get_recipe
         >>> run = train(get_recipe(epochs=2), "runs/quick")  # doctest: +SKIP
         >>> [json.loads(line)["val_top1"] for line in open(run / "metrics.jsonl")]  # doctest: +SKIP
     """
@@ -348,8 +349,3 @@ def _fmt(metrics: dict[str, Any]) -> str:
     keys = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "seconds")
     return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys)
 
-
-if __name__ == "__main__":
-    from .train_cli import main
-
-    raise SystemExit(main())

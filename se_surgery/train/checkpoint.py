@@ -1,7 +1,7 @@
 """Checkpoints: atomic writes, ``weights_only`` reads, and the model rebuilt from the config saved beside its weights.
 
 A checkpoint is a dict of plain data and tensors only, so ``torch.load(path, weights_only=True)`` reads it:
-``model`` (state_dict), ``model_config`` (see :mod:`se_surgery.models`), ``config`` (the resolved recipe),
+``model`` (state_dict), ``model_config`` (see :mod:`se_surgery.train.models`), ``config`` (the resolved recipe),
 ``epoch`` (epochs completed), ``epoch_step`` (optimizer steps into the next epoch), ``step`` (optimizer steps in all),
 ``metrics`` (the last epoch's), plus the trainer's ``optimizer``, ``scheduler``, ``sampler`` and ``progress``
 states. There is no RNG state to restore: the trainer reseeds from ``(seed, epoch, step, rank)`` at every step.
@@ -18,16 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SurgeryError
-from .recipe import TrainError
+from ..errors import CheckpointError, SurgeryError, TrainError
+from .models import build_model
 
-__all__ = ["CheckpointError", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged, unsafe or foreign; the message says which and what to do."""
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -103,8 +99,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple
         >>> info["metrics"]["val_top1"], info["model_config"]["class_names"][:3]  # doctest: +SKIP
         (98.6, ['0', '1', '2'])
     """
-    from .models import build_model  # here, not at the top: models imports the surgery stack
-
     payload = read_checkpoint(path, map_location)
     info = {k: v for k, v in payload.items() if k != "model"}
     try:

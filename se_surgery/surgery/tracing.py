@@ -11,8 +11,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import SurgeryError
-from .modes import eval_mode
+from ..errors import SurgeryError
+from ..modes import eval_mode
 
 __all__ = ["trace_module", "propagate_shapes", "build_graph_module"]
 

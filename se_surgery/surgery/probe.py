@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import SurgeryError
-from .modes import eval_mode
+from ..errors import SurgeryError
+from ..modes import eval_mode
 
 __all__ = ["Probe", "probe_sums"]
 

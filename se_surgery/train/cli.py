@@ -1,4 +1,4 @@
-"""The command line of ``python -m se_surgery.train``: one flag per :class:`~se_surgery.recipe.Recipe` field."""
+"""The command line of ``python -m se_surgery.train``: one flag per :class:`~se_surgery.train.recipe.Recipe` field."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import sys
 import typing
 from pathlib import Path
 
-from .checkpoint import CheckpointError, read_checkpoint
-from .data import DataError
-from .errors import SurgeryError
-from .recipe import PAPER, RECIPES, Recipe, TrainError, get_recipe
-from .train import train
+from ..errors import CheckpointError, DataError, SurgeryError, TrainError
+from .checkpoint import read_checkpoint
+from .loop import train
+from .recipe import PAPER, RECIPES, Recipe, get_recipe
 
 __all__ = ["main", "build_parser"]
 

@@ -12,13 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import TrainError
 from .data import DIGITS, default_mean
 
-__all__ = ["Recipe", "TrainError", "RECIPES", "get_recipe"]
-
-
-class TrainError(ValueError):
-    """A training run that cannot start or go on; the message says what is wrong and what to do."""
+__all__ = ["Recipe", "RECIPES", "get_recipe"]
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .modes import eval_mode
+from ..modes import eval_mode
 
 __all__ = ["Summary", "summary", "count_macs", "PAPER"]
 
@@ -57,7 +57,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224))
 
 def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)) -> Summary:
     """Parameters and multiply-adds of ``model`` (an :func:`add_se` result) and of its base (all SE removed)."""
-    from .surgery import remove_se, se_blocks
+    from .rewrite import remove_se, se_blocks
 
     base = remove_se(model)
     return Summary(
