@@ -93,7 +93,8 @@ def test_kill_mid_epoch_then_resume_is_bit_identical(tmp_path, tiny_run):
     assert strip == [{k: v for k, v in m.items() if k not in timing} for m in _metrics(tiny_run)]
 
 
-def test_resume_refuses_another_model_stops_on_nan_and_ignores_gpu_flags_on_cpu(tmp_path, tiny_run, capsys):
+def test_resume_refuses_another_model_stops_on_nan_and_ignores_gpu_flags_on_cpu(tmp_path, tiny_run, capsys,
+                                                                                 monkeypatch):
     import shutil
 
     out = tmp_path / "run"
@@ -106,7 +107,10 @@ def test_resume_refuses_another_model_stops_on_nan_and_ignores_gpu_flags_on_cpu(
     kept = read_checkpoint(out / "last.pt")
     assert kept["epoch"] == 2 and all(torch.isfinite(t).all() for t in kept["model"].values())
     flags = ["--amp", "--channels-last", "--compile", "--sync-bn"]
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **kw: reads.append(Path(f).name) or load(f, *a, **kw))
     assert main(["--out", str(out), "--resume", "auto", "--epochs", "3", *flags, "--no-progress"]) == 0
+    assert reads == ["last.pt"]  # the CLI (for the run's recipe) and the trainer (for its states) share one read
     assert [m["epoch"] for m in _metrics(out)] == [1, 2, 3]
 
 
