@@ -137,6 +137,7 @@ class RunState:
 
 def _train(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None, tensorboard: bool, progress: bool,
            env: Env) -> Path:
+    """:func:`train` on this rank: set up (or restore) a :class:`RunState`, then train, evaluate and save per epoch."""
     recipe = _device_notes(recipe.resolved(), env)
     start = resolve_resume(resume, out)
     micro_batches = env.world_size * recipe.accum_steps
