@@ -23,7 +23,7 @@ def saved(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(config)
     recipe = type(recipe)(**{**recipe.to_dict(), "reduction": 8})
-    model_config = make_model_config(model, recipe, ["a", "b", "c"])
+    model_config = make_model_config(recipe, ["a", "b", "c"], owners=["layer3.0", "layer3.1"])
     path = tmp_path_factory.mktemp("ckpt") / "last.pt"
     save_checkpoint(path, {"model": model.state_dict(), "model_config": model_config, "config": recipe.to_dict(),
                            "epoch": 3, "step": 30, "metrics": {"val_top1": 50.0}})

@@ -173,8 +173,13 @@ def test_identity_init_keeps_a_pretrained_networks_outputs():
 
 
 def test_he_init_is_not_identity():
-    se = se_blocks(add_se(torchvision.models.resnet18()))["layer2.0.se"]
-    assert se.fc2.weight.std() > 0.01 and torch.count_nonzero(se.fc1.bias) == 0
+    """The paper trains from scratch with He et al.'s init: weights ~ N(0, 2 / fan_in), biases zero."""
+    torch.manual_seed(0)
+    se = se_blocks(add_se(torchvision.models.resnet18()))["layer2.0.se"]  # C = 128, r = 16: fc1 128 -> 8, fc2 8 -> 128
+    for fc in (se.fc1, se.fc2):
+        fan_in = fc.weight[0].numel()  # in_channels x 1 x 1
+        assert fc.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.1), fc
+        assert torch.count_nonzero(fc.bias) == 0
 
 
 def test_save_load_deepcopy_script_compile():
@@ -347,3 +352,39 @@ def test_summary_cli_refuses_a_model_without_residuals_in_one_line():
 
     run = subprocess.run([sys.executable, "-m", "se_surgery.summary", "vgg11"], capture_output=True, text=True)
     assert run.returncode == 2 and "no residual sum in VGG" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_two_sums_in_one_block_get_se_and_se_1_in_forward_order():
+    from .models import conv_bn
+
+    class TwoSums(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f, self.g = conv_bn(8, 8), conv_bn(8, 8)
+
+        def forward(self, x):
+            x = x + self.f(x)
+            return x + self.g(x)
+
+    base = nn.Sequential(nn.Conv2d(3, 8, 1), TwoSums()).eval()
+    se = add_se(base, reduction=2).eval()
+    assert list(se_blocks(se)) == ["1.se", "1.se_1"]
+    seen = {}
+    for name, block in se_blocks(se).items():
+        block.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, args[0]))
+    with torch.no_grad():
+        se(X)
+        stem = se[0](X)
+    assert list(seen) == ["1.se", "1.se_1"]  # se on the first sum's branch, se_1 on the second's
+    torch.testing.assert_close(seen["1.se"], se[1].f(stem))
+
+
+def test_remove_se_gives_timm_its_se_none_slot_back():
+    timm = pytest.importorskip("timm")
+    base = timm.create_model("resnet18").eval()
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert all(base.get_submodule(b).se is None for b in blocks)
+    restored = remove_se(add_se(base)).eval()
+    assert all(restored.get_submodule(b).se is None for b in blocks)  # the slot is back, holding None again
+    with torch.no_grad():
+        assert torch.equal(restored(X), base(X))

@@ -13,6 +13,7 @@ import torch
 
 from se_surgery.train.checkpoint import load_checkpoint, read_checkpoint
 from se_surgery.train.data import build_dataset
+from se_surgery.train.models import build_training_model
 from se_surgery.train import get_recipe, train
 from se_surgery.train.cli import main
 
@@ -92,7 +93,8 @@ def test_kill_mid_epoch_then_resume_is_bit_identical(tmp_path, tiny_run):
     assert strip == [{k: v for k, v in m.items() if k not in timing} for m in _metrics(tiny_run)]
 
 
-def test_resume_refuses_another_model_stops_on_nan_and_ignores_gpu_flags_on_cpu(tmp_path, tiny_run, capsys):
+def test_resume_refuses_another_model_stops_on_nan_and_ignores_gpu_flags_on_cpu(tmp_path, tiny_run, capsys,
+                                                                                 monkeypatch):
     import shutil
 
     out = tmp_path / "run"
@@ -105,7 +107,10 @@ def test_resume_refuses_another_model_stops_on_nan_and_ignores_gpu_flags_on_cpu(
     kept = read_checkpoint(out / "last.pt")
     assert kept["epoch"] == 2 and all(torch.isfinite(t).all() for t in kept["model"].values())
     flags = ["--amp", "--channels-last", "--compile", "--sync-bn"]
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **kw: reads.append(Path(f).name) or load(f, *a, **kw))
     assert main(["--out", str(out), "--resume", "auto", "--epochs", "3", *flags, "--no-progress"]) == 0
+    assert reads == ["last.pt"]  # the CLI (for the run's recipe) and the trainer (for its states) share one read
     assert [m["epoch"] for m in _metrics(out)] == [1, 2, 3]
 
 
@@ -142,3 +147,28 @@ def test_evaluation_gives_each_module_its_own_flag_back():
     with eval_mode(model):
         assert not any(m.training for m in model.modules())
     assert model.training and model[0].training and not model[1].training
+
+
+def test_two_accumulated_micro_batches_take_the_step_of_one_big_batch(tmp_path):
+    """``--batch-size 32 --accum-steps 2`` (2 x 16 images) takes the same SGD step as ``--batch-size 32`` (1 x 32).
+
+    The mean loss over 32 images is the mean of the two 16-image means, so the gradients agree up to float rounding,
+    for a model whose output for an image does not depend on the rest of its batch. BatchNorm in training mode
+    normalises by the batch's statistics, so with it 2 x 16 and 1 x 32 are different functions (and a different
+    step); timm's ResNet-18 with GroupNorm (per-image statistics) keeps the residual blocks and their SE and drops
+    that dependence. Both runs draw the same 32 images with the same augmentations: the sampler and the
+    augmentation seeds follow positions in the global stream, not micro-batches.
+    """
+    kw = dict(arch="timm:resnet18", arch_kwargs={"norm_layer": "groupnorm"}, epochs=1, num_samples=32,
+              batch_size=32, val_samples=8, reduction=4)
+    one = read_checkpoint(train(get_recipe(**kw), tmp_path / "one", progress=False) / "last.pt")
+    two = read_checkpoint(train(get_recipe(**kw, accum_steps=2), tmp_path / "two", progress=False) / "last.pt")
+    assert (one["step"], two["step"]) == (1, 1) and one["model_config"] == two["model_config"]
+    torch.manual_seed(0)  # the recipe's seed: both runs start from these weights
+    init, _ = build_training_model(get_recipe(**kw).resolved(), one["model_config"]["class_names"])
+    start = init.state_dict()
+    params = [name for name, _ in init.named_parameters()]
+    step_one = torch.cat([(one["model"][k] - start[k]).flatten() for k in params])
+    step_two = torch.cat([(two["model"][k] - start[k]).flatten() for k in params])
+    assert step_one.norm() > 1e-3  # a real step was taken ...
+    assert (step_two - step_one).norm() <= 1e-4 * step_one.norm()  # ... and the same one, to float rounding

@@ -12,9 +12,9 @@ import typing
 from pathlib import Path
 
 from ..errors import CheckpointError, DataError, SurgeryError, TrainError
-from .checkpoint import read_checkpoint
 from .loop import train
 from .recipe import PAPER, RECIPES, Recipe, get_recipe
+from .resume import ResumePoint, resolve_resume
 
 __all__ = ["main", "build_parser"]
 
@@ -74,16 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _recipe_from(args: argparse.Namespace) -> tuple[Recipe, Path | str | None]:
+def _recipe_from(args: argparse.Namespace) -> tuple[Recipe, ResumePoint]:
+    """The recipe to train and where to start: a resumed run keeps its own recipe, explicit flags on top."""
     names = {f.name for f in dataclasses.fields(Recipe)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
-    resume = args.resume
-    ckpt = args.out / "last.pt" if resume == "auto" else Path(resume) if resume else None
-    if ckpt is not None and ckpt.exists():  # continue with the run's own recipe, explicit flags on top
-        saved = read_checkpoint(ckpt)["config"]
-        return Recipe.from_dict({**saved, **overrides}), resume
+    start = resolve_resume(args.resume, args.out)
+    if start.config is not None:
+        return Recipe.from_dict({**start.config, **overrides}), start
     data = overrides.pop("data", "digits")
-    return get_recipe(args.recipe, data, **overrides), resume
+    return get_recipe(args.recipe, data, **overrides), start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     try:
-        recipe, resume = _recipe_from(args)
-        out = train(recipe, args.out, resume=resume, tensorboard=args.tensorboard, progress=not args.no_progress)
+        recipe, start = _recipe_from(args)
+        out = train(recipe, args.out, resume=start, tensorboard=args.tensorboard, progress=not args.no_progress)
     except (TrainError, DataError, CheckpointError, SurgeryError) as e:
         print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import TrainError
 
-__all__ = ["Env", "setup", "teardown", "all_sum", "broadcast_buffers", "check_replicas_in_sync"]
+__all__ = ["Env", "setup", "teardown", "all_sum", "per_rank", "broadcast_buffers", "check_replicas_in_sync"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,21 @@ def all_sum(values: torch.Tensor, env: Env) -> torch.Tensor:
         values = values.to(env.device)
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values.cpu()
+
+
+def per_rank(values: torch.Tensor, env: Env) -> torch.Tensor:
+    """Every rank's 1-D ``values`` as the rows of a ``(world_size, len(values))`` tensor, the same on every rank.
+
+    One all-reduce of a zero-padded matrix (a sum with zeros is exact, NaN and inf included); a single process
+    gets ``values[None]`` with no communication. The result stays on ``values``' device: read it with one
+    ``.tolist()``.
+    """
+    if env.world_size == 1:
+        return values[None]
+    rows = torch.zeros(env.world_size, len(values), dtype=values.dtype, device=env.device)
+    rows[env.rank] = values
+    dist.all_reduce(rows, op=dist.ReduceOp.SUM)
+    return rows
 
 
 def broadcast_buffers(model: nn.Module, env: Env) -> None:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,43 +29,19 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, TrainError
 from ..modes import eval_mode
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .data import build_dataset
-from .distributed import Env, all_sum, broadcast_buffers, check_replicas_in_sync, setup, teardown
+from .distributed import Env, all_sum, broadcast_buffers, check_replicas_in_sync, per_rank, setup, teardown
 from .metrics import MetricsWriter, topk_correct
-from .models import build_model, make_model_config
+from .models import build_training_model
 from .recipe import Recipe
+from .resume import ResumePoint, apply_schedule_changes, check_same_model, resolve_resume
 from .sampling import ClassAwareSampler, ShuffleSampler
 from .seeding import SeededDataset, SeededDraws, seed_of
 
 __all__ = ["train"]
 
 log = logging.getLogger(__name__)
-_MODEL_KEYS = ("arch", "arch_kwargs", "surgery", "num_classes", "class_names")
-
-
-def _resolve_resume(resume: str | Path | None, out: Path) -> Path | None:
-    if resume is None:
-        for name in ("config.json", "last.pt", "metrics.jsonl"):
-            if (out / name).exists():
-                raise TrainError(
-                    f"{out} already holds a run ({name}): pass --resume auto to continue it, or choose another --out"
-                )
-        return None
-    if str(resume) == "auto":
-        return out / "last.pt" if (out / "last.pt").exists() else None
-    return Path(resume)
-
-
-def _check_same_model(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    for key in _MODEL_KEYS:
-        if saved.get(key) != now.get(key):
-            raise TrainError(
-                f"{path} was trained with another {key} ({str(saved.get(key))[:80]} vs now {str(now.get(key))[:80]}): "
-                "resume it with the same --arch/--data/SE options, or start a new run in another --out"
-            )
-
-
 def _device_notes(recipe: Recipe, env: Env) -> Recipe:
     """Turn off the GPU-only options on the CPU, with a note, rather than crash."""
     if env.device.type == "cuda":
@@ -79,7 +56,7 @@ def train(
     recipe: Recipe,
     out: str | Path,
     *,
-    resume: str | Path | None = None,
+    resume: str | Path | ResumePoint | None = None,
     tensorboard: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -89,7 +66,8 @@ def train(
         recipe: What and how to train (see :mod:`se_surgery.train.recipe`; ``get_recipe()`` gives the digits demo).
         out: Run folder; gets ``config.json``, ``metrics.jsonl``, ``last.pt`` and ``best.pt``. A folder that already
             holds a run is refused unless ``resume`` is given.
-        resume: ``"auto"`` (``out/last.pt`` if it exists, else start afresh) or a checkpoint path.
+        resume: ``"auto"`` (``out/last.pt`` if it exists, else start afresh), a checkpoint path, or the
+            :class:`~se_surgery.train.resume.ResumePoint` that :func:`~se_surgery.train.resume.resolve_resume` gave.
         tensorboard: Also write TensorBoard event files to ``out/tb``.
         progress: Show a tqdm bar per epoch (rank 0 only).
 
@@ -110,9 +88,58 @@ def train(
         teardown(env)
 
 
-def _train(recipe: Recipe, out: Path, resume, tensorboard: bool, progress: bool, env: Env) -> Path:
+@dataclass
+class RunState:
+    """What a run holds while it trains; every checkpoint is made of it (see :meth:`payload`)."""
+
+    recipe: Recipe
+    env: Env
+    out: Path
+    model: nn.Module  # what runs forward: ``raw`` inside the DDP / torch.compile wrappers
+    raw: nn.Module  # what is saved: no wrapper in the state_dict keys
+    model_config: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    sampler: ClassAwareSampler | ShuffleSampler
+    steps_per_epoch: int
+    best: float = -1.0  # best val top-1 so far
+    metrics: dict[str, Any] | None = None  # the last finished epoch's metrics line
+
+    def payload(self, epoch: int, epoch_step: int, totals: torch.Tensor) -> dict[str, Any]:
+        """Everything a checkpoint holds (plain data and tensors only)."""
+        sampler = self.sampler.state_dict()
+        sampler.update(epoch=epoch, position=epoch_step * self.recipe.batch_size)
+        return {
+            "model": self.raw.state_dict(), "model_config": self.model_config, "config": self.recipe.to_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "sampler": sampler,
+            "epoch": epoch, "epoch_step": epoch_step, "step": epoch * self.steps_per_epoch + epoch_step,
+            "progress": totals, "best_top1": self.best, "metrics": self.metrics, "world_size": self.env.world_size,
+        }
+
+    def save(self, names: tuple[str, ...], epoch: int, epoch_step: int, totals: torch.Tensor) -> None:
+        """Rank 0 writes the checkpoint ``names``; every rank calls this, as all must agree the weights are finite.
+
+        Raises:
+            TrainError: the weights of some rank went non-finite (on every rank, so none waits for the others);
+                the checkpoints already on disk stay as the last good ones.
+        """
+        finite = all(bool(torch.isfinite(p).all()) for p in self.raw.parameters())
+        if all_sum(torch.tensor([0.0 if finite else 1.0], dtype=torch.float64), self.env).item():
+            raise TrainError(
+                f"the weights became non-finite by step {epoch * self.steps_per_epoch + epoch_step}; "
+                f"{self.out / 'last.pt'} is the last good checkpoint: lower --lr and resume with --resume auto"
+            )
+        if self.env.is_main:
+            payload = self.payload(epoch, epoch_step, totals)
+            for name in names:
+                save_checkpoint(self.out / name, payload)
+
+
+def _train(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None, tensorboard: bool, progress: bool,
+           env: Env) -> Path:
+    """:func:`train` on this rank: set up (or restore) a :class:`RunState`, then train, evaluate and save per epoch."""
     recipe = _device_notes(recipe.resolved(), env)
-    ckpt_path = _resolve_resume(resume, out)
+    start = resolve_resume(resume, out)
     micro_batches = env.world_size * recipe.accum_steps
     if recipe.batch_size % micro_batches:
         raise TrainError(
@@ -132,27 +159,15 @@ def _train(recipe: Recipe, out: Path, resume, tensorboard: bool, progress: bool,
         raise TrainError(f"an epoch of {recipe.num_samples or len(train_set)} images is less than one batch of "
                          f"{recipe.batch_size}: lower --batch-size or raise --num-samples")
 
-    # Model: identical initial weights on every rank (DDP also broadcasts rank 0's).
+    # Model: identical initial weights on every rank (DDP also broadcasts rank 0's), or the checkpoint's.
     torch.manual_seed(recipe.seed)
-    model_config = {**recipe.to_dict(), "num_classes": len(train_set.classes)}
-    model_config["surgery"] = {"reduction": recipe.reduction, "init": recipe.se_init} if recipe.se else None
-    model = build_model(model_config, pretrained=recipe.pretrained)
-    model_config = make_model_config(model, recipe, list(train_set.classes))
-    state = read_checkpoint(ckpt_path) if ckpt_path else None
-    if state is not None:
-        _check_same_model(state["model_config"], model_config, ckpt_path)
-        model.load_state_dict(state["model"])
-    model.to(env.device)
-    if recipe.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if recipe.sync_bn and env.world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    raw = model  # what we save: no DDP / compile wrappers in the state_dict keys
-    if env.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    if recipe.compile:
-        model = torch.compile(model)
+    raw, model_config = build_training_model(recipe, list(train_set.classes))
+    if start.state is not None:
+        check_same_model(start.state["model_config"], model_config, start.path)
+        raw.load_state_dict(start.state["model"])
+    raw, model = _wrap(raw, recipe, env)
 
+    # Optimizer, schedule and sampler: the paper's SGD with step decay, each rank drawing its share of the stream.
     optimizer = torch.optim.SGD(
         raw.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
@@ -162,15 +177,18 @@ def _train(recipe: Recipe, out: Path, resume, tensorboard: bool, progress: bool,
         train_set.targets if recipe.class_aware else len(train_set),
         num_replicas=env.world_size, rank=env.rank, seed=recipe.seed, num_samples=steps_per_epoch * recipe.batch_size,
     )
-    start_epoch, epoch_step, best, totals = 0, 0, -1.0, torch.zeros(3, dtype=torch.float64)
-    if state is not None:
+    run = RunState(recipe, env, out, model, raw, model_config, optimizer, scheduler, sampler, steps_per_epoch)
+    start_epoch, epoch_step, totals = 0, 0, torch.zeros(3, dtype=torch.float64)
+    if start.state is not None:
+        state = start.state
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _apply_schedule_changes(state["config"], recipe, optimizer, scheduler, state["epoch"])
-        start_epoch, epoch_step, best = state["epoch"], state["epoch_step"], state["best_top1"]
+        apply_schedule_changes(state["config"], recipe, optimizer, scheduler, state["epoch"])
+        start_epoch, epoch_step, run.best, run.metrics = (state["epoch"], state["epoch_step"], state["best_top1"],
+                                                          state.get("metrics"))
         if env.is_main:  # rank 0 carries the interrupted epoch's partial sums; the all-reduce adds the others' zeros
             totals = state["progress"].double()
-        log.info("resumed %s at epoch %d, step %d", ckpt_path, start_epoch, epoch_step)
+        log.info("resumed %s at epoch %d, step %d", start.path, start_epoch, epoch_step)
 
     cuda = env.device.type == "cuda"
     loader = DataLoader(
@@ -188,44 +206,37 @@ def _train(recipe: Recipe, out: Path, resume, tensorboard: bool, progress: bool,
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-        writer = MetricsWriter(out, tensorboard=tensorboard, keep_until=start_epoch if state else None)
-        if state is not None and state.get("metrics"):
-            writer.write(state["metrics"])  # the checkpoint's epoch, if its line was lost in a crash
+        writer = MetricsWriter(out, tensorboard=tensorboard, keep_until=start_epoch if start.state else None)
+        if run.metrics:
+            writer.write(run.metrics)  # the checkpoint's epoch, if its line was lost in a crash
         log.info(
             "training %s%s on %s: %d classes, %d epochs x %d steps of %d images (%d rank(s) x %d x %d accum), lr %g",
             "SE-" if recipe.se else "", recipe.arch, recipe.data, model_config["num_classes"], recipe.epochs,
             steps_per_epoch, recipe.batch_size, env.world_size, micro, recipe.accum_steps, recipe.lr,
         )
 
-    ctx = dict(recipe=recipe, env=env, model=model, raw=raw, optimizer=optimizer, scheduler=scheduler,
-               sampler=sampler, model_config=model_config, out=out, steps_per_epoch=steps_per_epoch,
-               metrics=state.get("metrics") if state else None)
     for epoch in range(start_epoch, recipe.epochs):
         sampler.set_epoch(epoch)
         sampler.position = epoch_step * recipe.batch_size
         started, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-        totals, images = _train_epoch(ctx, loader, epoch, epoch_step, totals, best, progress)
+        totals, images = _train_epoch(run, loader, epoch, epoch_step, totals, progress)
         train_seconds = time.perf_counter() - started
         scheduler.step()
         broadcast_buffers(raw, env)
         val = _evaluate(raw, val_loader, env, recipe)
         crc = check_replicas_in_sync(raw, env)
         loss_sum, correct, seen = totals.tolist()
-        metrics = {
+        run.metrics = {
             "epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen, **val,
             "images_per_s": images / train_seconds, "seconds": time.perf_counter() - started,
             "world_size": env.world_size, "weights_crc32": crc,
         }
-        ctx["metrics"] = metrics
-        is_best, best = val["val_top1"] > best, max(best, val["val_top1"])
-        if env.is_main:
-            payload = _payload(ctx, epoch + 1, 0, torch.zeros(3, dtype=torch.float64), best, metrics)
-            _save(ctx, "last.pt", payload)
-            if is_best:
-                _save(ctx, "best.pt", payload)
-            writer.write(metrics)
-            log.info("epoch %d/%d: %s", epoch + 1, recipe.epochs, _fmt(metrics))
+        is_best, run.best = val["val_top1"] > run.best, max(run.best, val["val_top1"])
         epoch_step, totals = 0, torch.zeros(3, dtype=torch.float64)
+        run.save(("last.pt", "best.pt") if is_best else ("last.pt",), epoch + 1, epoch_step, totals)
+        if writer is not None:
+            writer.write(run.metrics)
+            log.info("epoch %d/%d: %s", epoch + 1, recipe.epochs, _fmt(run.metrics))
     if writer is not None:
         writer.close()
     if start_epoch >= recipe.epochs:
@@ -233,40 +244,31 @@ def _train(recipe: Recipe, out: Path, resume, tensorboard: bool, progress: bool,
     return out
 
 
-def _apply_schedule_changes(saved: dict[str, Any], recipe: Recipe, optimizer, scheduler, epoch: int) -> None:
-    """On resume, let explicitly changed optimisation flags win over the restored optimizer/scheduler state."""
-    for group in optimizer.param_groups:
-        group.update(momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    keys = ("lr", "lr_step", "lr_gamma")
-    if all(saved.get(k) == getattr(recipe, k) for k in keys):
-        return  # keep the restored state bit for bit
-    scheduler.step_size, scheduler.gamma = recipe.lr_step, recipe.lr_gamma
-    scheduler.base_lrs = [recipe.lr] * len(optimizer.param_groups)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = recipe.lr
-        group["lr"] = recipe.lr * recipe.lr_gamma ** (epoch // recipe.lr_step)
-    log.info("resume: learning-rate schedule changed to lr %g, /%g every %d epochs", recipe.lr,
-             1 / recipe.lr_gamma, recipe.lr_step)
+def _wrap(model: nn.Module, recipe: Recipe, env: Env) -> tuple[nn.Module, nn.Module]:
+    """``(raw, model)``: what is saved (on the device, SyncBN if asked) and what runs forward (in DDP, compiled)."""
+    model.to(env.device)
+    if recipe.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if recipe.sync_bn and env.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raw = model  # no DDP / compile wrappers in the state_dict keys
+    if env.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    if recipe.compile:
+        model = torch.compile(model)
+    return raw, model
 
 
-def _payload(ctx: dict[str, Any], epoch: int, epoch_step: int, totals: torch.Tensor, best: float,
-             metrics: dict[str, Any] | None) -> dict[str, Any]:
-    """Everything a checkpoint holds (plain data and tensors only)."""
-    sampler = ctx["sampler"].state_dict()
-    sampler.update(epoch=epoch, position=epoch_step * ctx["recipe"].batch_size)
-    return {
-        "model": ctx["raw"].state_dict(), "model_config": ctx["model_config"], "config": ctx["recipe"].to_dict(),
-        "optimizer": ctx["optimizer"].state_dict(), "scheduler": ctx["scheduler"].state_dict(), "sampler": sampler,
-        "epoch": epoch, "epoch_step": epoch_step, "step": epoch * ctx["steps_per_epoch"] + epoch_step,
-        "progress": totals, "best_top1": best, "metrics": metrics, "world_size": ctx["env"].world_size,
-    }
+def _train_epoch(run: RunState, loader: DataLoader, epoch: int, epoch_step: int, totals: torch.Tensor,
+                 progress: bool) -> tuple[torch.Tensor, int]:
+    """One epoch from ``epoch_step`` on; returns the epoch's global ``[loss_sum, correct, seen]`` and images here.
 
-
-def _train_epoch(ctx: dict[str, Any], loader: DataLoader, epoch: int, epoch_step: int, totals: torch.Tensor,
-                 best: float, progress: bool) -> tuple[torch.Tensor, int]:
-    """One epoch from ``epoch_step`` on; returns the epoch's global ``[loss_sum, correct, seen]`` and images here."""
-    recipe, env, model, optimizer = ctx["recipe"], ctx["env"], ctx["model"], ctx["optimizer"]
-    steps, accum = ctx["steps_per_epoch"], recipe.accum_steps
+    Raises:
+        TrainError: the loss of some rank became NaN or inf: every rank raises the same error at the same step, before
+            the optimizer step, so no rank is left waiting for the others and ``last.pt`` stays the last good one.
+    """
+    recipe, env, model, optimizer = run.recipe, run.env, run.model, run.optimizer
+    steps, accum = run.steps_per_epoch, recipe.accum_steps
     model.train()
     local = torch.zeros(3, dtype=torch.float64)
     bar = tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="step",
@@ -288,14 +290,20 @@ def _train_epoch(ctx: dict[str, Any], loader: DataLoader, epoch: int, epoch_step
                 logits = model(images_batch)
             loss = nn.functional.cross_entropy(logits.float(), target)
             (loss / accum).backward()
-        # one host sync per step: the loss (for the NaN check) and the step's correct count together
-        value, correct = torch.stack([loss.detach().double(), topk_correct(logits.detach(), target, (1,))[0]]).tolist()
-        if not math.isfinite(value):
+        # one host sync per step: every rank's loss (for the NaN check all ranks agree on) and correct count together;
+        # one small all-reduce under DDP, none on a single process
+        rows = per_rank(torch.stack([loss.detach().double(), topk_correct(logits.detach(), target, (1,))[0]]), env)
+        rows = rows.tolist()
+        bad = [rank for rank, (value, _) in enumerate(rows) if not math.isfinite(value)]
+        if bad:
             bar.close()
+            where = f" on rank {', '.join(map(str, bad))}" if env.world_size > 1 else ""
             raise TrainError(
-                f"the loss became {value} at step {epoch * steps + step + 1} (epoch {epoch + 1}); nothing saved since; "
-                f"{ctx['out'] / 'last.pt'} is the last good checkpoint: lower --lr and resume with --resume auto"
+                f"the loss became {rows[bad[0]][0]}{where} at step {epoch * steps + step + 1} (epoch {epoch + 1}); "
+                f"nothing saved since; {run.out / 'last.pt'} is the last good checkpoint: lower --lr and resume "
+                "with --resume auto"
             )
+        value, correct = rows[env.rank]
         local += torch.tensor([value * len(target), correct, len(target)], dtype=torch.float64)
         images += len(target) * env.world_size
         micro_index += 1
@@ -310,21 +318,9 @@ def _train_epoch(ctx: dict[str, Any], loader: DataLoader, epoch: int, epoch_step
             bar.set_postfix(loss=f"{local[0] / local[2]:.3f}", top1=f"{100 * local[1] / local[2]:.1f}",
                             img_s=f"{rate:.0f}", refresh=False)
         if recipe.ckpt_every and step % recipe.ckpt_every == 0 and step < steps:
-            partial = totals + all_sum(local.clone(), env)
-            if env.is_main:
-                _save(ctx, "last.pt", _payload(ctx, epoch, step, partial, best, ctx["metrics"]))
+            run.save(("last.pt",), epoch, step, totals + all_sum(local.clone(), env))
     bar.close()
     return totals + all_sum(local, env), images
-
-
-def _save(ctx: dict[str, Any], name: str, payload: dict[str, Any]) -> None:
-    """Write a checkpoint, unless the weights went non-finite (then the previous one stays the last good one)."""
-    if not all(torch.isfinite(p).all() for p in ctx["raw"].parameters()):
-        raise TrainError(
-            f"the weights became non-finite by step {payload['step']}; {ctx['out'] / 'last.pt'} is the last good "
-            "checkpoint: lower --lr and resume with --resume auto"
-        )
-    save_checkpoint(ctx["out"] / name, payload)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from ..errors import TrainError
 from ..surgery import add_se, se_blocks
 from ..surgery.naming import owner_of
 
-__all__ = ["build_model", "make_model_config"]
+__all__ = ["build_model", "build_training_model", "make_model_config"]
 
 log = logging.getLogger(__name__)
 _TIMM = "timm:"
@@ -81,9 +81,12 @@ def build_model(config: dict[str, Any], *, pretrained: bool = False) -> nn.Modul
     return model
 
 
-def make_model_config(model: nn.Module, recipe: Any, class_names: list[str]) -> dict[str, Any]:
-    """The ``model_config`` of a freshly built ``model`` trained with ``recipe`` (a resolved :class:`Recipe`)."""
-    owners = list(dict.fromkeys(owner_of(name)[0] for name in se_blocks(model)))
+def make_model_config(recipe: Any, class_names: list[str], owners: list[str] | None = None) -> dict[str, Any]:
+    """The ``model_config`` of a model trained with ``recipe`` (a resolved :class:`Recipe`) on ``class_names``.
+
+    ``owners`` names the blocks that hold an SE; ``None`` means every residual block (what :func:`build_model` then
+    gives), which :func:`build_training_model` replaces with the exact list once the surgery has run.
+    """
     return {
         "arch": recipe.arch,
         "arch_kwargs": dict(recipe.arch_kwargs),
@@ -95,3 +98,17 @@ def make_model_config(model: nn.Module, recipe: Any, class_names: list[str]) -> 
         "resize": recipe.resize,
         "mean": list(recipe.mean),
     }
+
+
+def build_training_model(recipe: Any, class_names: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """A fresh model for ``recipe`` and its ``model_config``, with the owners of the SE blocks the surgery added.
+
+    Raises:
+        TrainError: unknown architecture, missing timm, or pretrained weights that cannot be fetched.
+        SurgeryError: the surgery fails on this architecture.
+    """
+    config = make_model_config(recipe, class_names)
+    model = build_model(config, pretrained=recipe.pretrained)
+    if config["surgery"] is not None:
+        config["surgery"]["owners"] = list(dict.fromkeys(owner_of(name)[0] for name in se_blocks(model)))
+    return model, config
