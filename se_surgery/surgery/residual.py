@@ -12,8 +12,9 @@ The rule, checkable by hand on one block's forward:
    EfficientViT's cascaded attention heads are such inner sums, so a Res2Net bottleneck gets one SE. Likewise a
    sum lying on the branch of another unit of the same forward is not a unit of its own.
 3. The branch must not already hold an SE / attention gate, and must be channels-first: a branch whose last learned
-   layer's width is the tensor's last dimension and not dim 1 is a channels-last N x H x W x C token MLP. (A width
-   that is neither, such as GhostNet's concatenation of primary and cheap features, is channels-first.)
+   layer is a linear map whose width is the tensor's last dimension and not dim 1 is a channels-last N x H x W x C
+   token MLP. A branch ending in a convolution is channels-first whatever its last conv's width (GhostNet
+   concatenates its primary and cheap features after it).
 """
 
 from __future__ import annotations
@@ -145,9 +146,8 @@ _CONCAT = {torch.cat, torch.concat, torch.concatenate, torch.stack}
 
 
 def _last_width(path: set[fx.Node], modules: dict[str, nn.Module], order: dict[fx.Node, int]) -> int | None:
-    """Output width of the branch's last conv / linear layer (to catch channels-last N x H x W x C tensors).
-
-    None when the branch concatenates after that layer: its width then says nothing about the sum's channels.
+    """Output width of the branch's last learned layer if it is a linear map (to catch channels-last N x H x W x C
+    token MLPs); None when it is a convolution (channels-first by construction) or the branch concatenates after it.
     """
     for node in sorted(path, key=order.__getitem__, reverse=True):
         if node.op == "call_function" and node.target in _CONCAT:
@@ -156,7 +156,7 @@ def _last_width(path: set[fx.Node], modules: dict[str, nn.Module], order: dict[f
             layers = [m for m in modules[node.target].modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
             if layers:
                 last = layers[-1]
-                return last.out_channels if isinstance(last, nn.modules.conv._ConvNd) else last.out_features
+                return None if isinstance(last, nn.modules.conv._ConvNd) else last.out_features
     return None
 
 
