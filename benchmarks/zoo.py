@@ -250,10 +250,8 @@ def summary_markdown(rows: dict[str, Row]) -> str:
     for source in ("torchvision", "timm"):
         n = sum(v for (s, _), v in by_source.items() if s == source)
         if n:
-            lines.append(
-                f"| {source} | {n} | " + " | ".join(str(by_source[(source, o)]) for o in ("ok", "refused", "broken", "timeout"))
-                + " |"
-            )
+            cells = " | ".join(str(by_source[(source, o)]) for o in ("ok", "refused", "broken", "timeout"))
+            lines.append(f"| {source} | {n} | {cells} |")
     ok = sorted({r.family for r in rows.values() if r.outcome == "ok"})
     lines += ["", f"Families that get SE blocks ({len(ok)}): " + ", ".join(ok) + "."]
     reasons = Counter(category(r.reason) for r in rows.values() if r.outcome == "refused")

@@ -129,7 +129,8 @@ def test_ghost_branch_ending_in_a_concatenation_is_channels_first():
             return y
 
     for width in (6, 8):  # 8: the cheap conv's width equals the tensor's last dimension
-        se = add_se(nn.Sequential(nn.Conv2d(3, 16, 1), Block()), reduction=4, example_input=torch.randn(2, 3, width, width))
+        x = torch.randn(2, 3, width, width)
+        se = add_se(nn.Sequential(nn.Conv2d(3, 16, 1), Block()), reduction=4, example_input=x)
         assert list(se_blocks(se)) == ["1.se"]
 
 

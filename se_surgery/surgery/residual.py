@@ -260,8 +260,8 @@ def residual_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[Resid
         )
 
     return [
-        Skipped(v.add, "it lies inside the branch of another residual sum of the same block, and a residual unit "
-                "gets one SE")
-        if isinstance(v, Residual) and nested(v) else v
+        Skipped(v.add, "it lies inside the branch of another residual sum of the same block (one SE per unit)")
+        if isinstance(v, Residual) and nested(v)
+        else v
         for v in verdicts
     ]

@@ -124,8 +124,11 @@ def _grouped(skipped: list[tuple[str, Skipped]], failed: list[tuple[str, str, Su
         parts.append(f"{len(owners)} sum(s) where {reason} ({_shown(owners)})")
     for kind, errors in by_class.items():
         first = str(errors[0][1]).rstrip(".")
-        more = f" (also {_shown([o for o, _ in errors[1:]])}, the same class)" if len(errors) > 1 else ""
-        parts.append(f"1 block left as it is: {first}{more}" if not more else f"{len(errors)} blocks left as they are: {first}{more}")
+        if len(errors) == 1:
+            parts.append(f"1 block left as it is: {first}")
+        else:
+            others = _shown([o for o, _ in errors[1:]])
+            parts.append(f"{len(errors)} blocks left as they are: {first} (also {others}, the same class)")
     return "; ".join(parts)
 
 
@@ -205,9 +208,8 @@ def add_se(
         module = modules[owner]
         args, kwargs = probe.inputs[owner]
         try:
-            graph = trace_module(
-                module, owner, autowrap_functions=autowrap_functions, concrete_args=concrete_arguments(module, args, kwargs)
-            )
+            concrete = concrete_arguments(module, args, kwargs)
+            graph = trace_module(module, owner, autowrap_functions=autowrap_functions, concrete_args=concrete)
             propagate_shapes(module, graph, owner, args, kwargs)
         except SurgeryError as err:
             if strict:
@@ -224,9 +226,9 @@ def add_se(
     if not plans:
         if skipped or failed:
             raise SurgeryError(
-                f"no residual sum of {type(model).__name__} can take an SE: {_grouped(skipped, failed)}. A model whose blocks "
-                "are already gated (add_se applied twice, EfficientNet, RegNetY, SE-ResNet) needs none; for the "
-                "plain version, start from the model without attention (e.g. regnet_x instead of regnet_y)."
+                f"no residual sum of {type(model).__name__} can take an SE: {_grouped(skipped, failed)}. A model "
+                "whose blocks are already gated (add_se applied twice, EfficientNet, RegNetY, SE-ResNet) needs none; "
+                "for the plain version, start from the model without attention (e.g. regnet_x instead of regnet_y)."
             )
         raise SurgeryError(
             f"found no residual sum in {type(model).__name__}: no module adds two same-shape tensors. add_se works "
@@ -261,7 +263,8 @@ def add_se(
         logger.warning("add_se skipped %s", _grouped(skipped, failed))
     if not plans:
         raise SurgeryError(
-            f"no residual block of {type(model).__name__} is wide enough for r={reduction}: {_grouped(skipped, failed)}."
+            f"no residual block of {type(model).__name__} is wide enough for r={reduction}: "
+            f"{_grouped(skipped, failed)}."
         )
 
     blocks: dict[str, list[tuple[Residual, str, SqueezeExcitation]]] = {}
