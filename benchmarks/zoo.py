@@ -85,14 +85,26 @@ def timm_models() -> Iterator[tuple[str, str, str]]:
         yield name, "timm", family
 
 
-def select_timm() -> dict[str, str]:
-    """The model with fewest parameters of each timm module (family), counted on the meta device (no weights)."""
+_SMALL = ("atto", "femto", "pico", "zepto", "nano", "tiny", "micro", "xxs", "xs", "small", "050", "b0", "m0", "t", "s")
+
+
+def _smallness(name: str) -> tuple[int, int, str]:
+    """Rank of a name's size word (atto < femto < ... < small), then length: the likely smallest models first."""
+    rank = next((i for i, w in enumerate(_SMALL) if w in name.replace("-", "_").split("_") or w in name), len(_SMALL))
+    return rank, len(name), name
+
+
+def select_timm(candidates: int = 6) -> dict[str, str]:
+    """The model with fewest parameters of each timm module (family), counted on the meta device (no weights).
+
+    Only the ``candidates`` most likely smallest names of a family (by their size words) are built, to stay fast.
+    """
     import timm
 
     choice = {}
     for family in timm.list_modules():
         counts = {}
-        for name in timm.list_models(module=family):
+        for name in sorted(timm.list_models(module=family), key=_smallness)[:candidates]:
             try:
                 with torch.device("meta"):
                     counts[name] = sum(p.numel() for p in timm.create_model(name).parameters())

@@ -96,7 +96,9 @@ def trace_module(
 
 
 def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    """The gist of an fx error: its first line, without the node metadata ShapeProp appends."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.split(" with meta=")[0]
 
 
 def _refuse_mode_dependent(
