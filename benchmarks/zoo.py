@@ -207,9 +207,8 @@ def read_rows() -> dict[str, Row]:
     with CSV_PATH.open(newline="") as f:
         types = {f.name: f.type for f in fields(Row)}
         cast = {"int": int, "float": float, "str": str}
-        return {
-            r["model"]: Row(**{k: cast[types[k]](v) for k, v in r.items()}) for r in csv.DictReader(f)
-        }
+        rows = [Row(**{k: cast[types[k]](v) for k, v in r.items()}) for r in csv.DictReader(f)]
+        return {f"{r.source}:{r.model}": r for r in rows}  # timm and torchvision share names (resnet18)
 
 
 def write_rows(rows: dict[str, Row]) -> None:
@@ -229,7 +228,7 @@ def category(reason: str) -> str:
     kinds = [
         ("already holds an SE", "branches already gated (SE / attention)"),
         ("3-D tensors", "token (3-D) sums only"),
-        ("not N x C x H x W", "channels-last sums"),
+        ("channels-last", "channels-last sums"),
         ("cannot trace", "blocks fx cannot trace"),
         ("does not run", "blocks fx cannot run"),
         ("fewer than r=", "blocks narrower than r"),
@@ -306,7 +305,7 @@ def write_reports(rows: dict[str, Row]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", choices=["torchvision", "timm", "all"], default="all")
-    parser.add_argument("--only", default="", help="comma-separated model names or globs (resnet*)")
+    parser.add_argument("--only", default="", help="comma-separated model names or globs (resnet*), of --source")
     parser.add_argument("--size", type=int, default=64, help="input size tried first (px); else the model's own")
     parser.add_argument("--limit", type=int, default=120, help="seconds per model before it counts as a timeout")
     parser.add_argument("--resume", action="store_true", help="keep the CSV's rows; run only models not in it")
@@ -330,10 +329,10 @@ def main() -> None:
             globs = args.only.split(",")
             todo = [m for m in todo if any(fnmatch.fnmatch(m[0], g) for g in globs)]
         if args.resume:
-            todo = [m for m in todo if m[0] not in rows]
+            todo = [m for m in todo if f"{m[1]}:{m[0]}" not in rows]
         for name, source, family in (bar := tqdm(todo, unit="model")):
             bar.set_postfix_str(name)
-            rows[name] = run_one(name, source, family, args.size, args.limit)
+            rows[f"{source}:{name}"] = run_one(name, source, family, args.size, args.limit)
             write_rows(rows)  # after every model: a killed run resumes with --resume
     write_reports(rows)
     counts = Counter(r.outcome for r in rows.values())

@@ -12,9 +12,9 @@ The rule, checkable by hand on one block's forward:
    EfficientViT's cascaded attention heads are such inner sums, so a Res2Net bottleneck gets one SE. Likewise a
    sum lying on the branch of another unit of the same forward is not a unit of its own.
 3. The branch must not already hold an SE / attention gate, and must be channels-first: a branch whose last learned
-   layer is a linear map whose width is the tensor's last dimension and not dim 1 is a channels-last N x H x W x C
-   token MLP. A branch ending in a convolution is channels-first whatever its last conv's width (GhostNet
-   concatenates its primary and cheap features after it).
+   layer is a linear map over the tensor's last dimension, with no permute / reshape / concatenation after it, is a
+   channels-last N x H x W x C token MLP (Swin, MaxViT's partitions), whatever dim 1 holds. A branch ending in a
+   convolution is channels-first whatever its last conv's width (GhostNet concatenates primary and cheap features).
 """
 
 from __future__ import annotations
@@ -143,20 +143,30 @@ def _pass_through_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node
 
 
 _CONCAT = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+_REORDER = re.compile(r"permute|transpose|movedim|swapaxes|flatten|reshape|view|unflatten", re.IGNORECASE)
 
 
 def _last_width(path: set[fx.Node], modules: dict[str, nn.Module], order: dict[fx.Node, int]) -> int | None:
-    """Output width of the branch's last learned layer if it is a linear map (to catch channels-last N x H x W x C
-    token MLPs); None when it is a convolution (channels-first by construction) or the branch concatenates after it.
+    """Output width of the branch's last learned layer if it is a linear map acting on the tensor's last dimension
+    (a channels-last token MLP); None when it is a convolution (channels-first by construction), or when the branch
+    concatenates or moves dimensions after it (ConvNeXt's ``Linear`` then ``permute`` back to N x C x H x W).
     """
     for node in sorted(path, key=order.__getitem__, reverse=True):
+        target = getattr(node.target, "__name__", str(node.target))
         if node.op == "call_function" and node.target in _CONCAT:
             return None
+        if node.op in ("call_method", "call_function") and _REORDER.search(target):
+            return None
         if node.op == "call_module":
-            layers = [m for m in modules[node.target].modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-            if layers:
-                last = layers[-1]
-                return None if isinstance(last, nn.modules.conv._ConvNd) else last.out_features
+            module = modules[node.target]
+            inside = list(module.modules())
+            learned = [i for i, m in enumerate(inside) if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+            if learned:
+                last = inside[learned[-1]]
+                reordered = any(_REORDER.search(type(m).__name__) for m in inside[learned[-1] + 1 :])
+                return None if isinstance(last, nn.modules.conv._ConvNd) or reordered else last.out_features
+            if _REORDER.search(type(module).__name__):
+                return None
     return None
 
 
@@ -232,8 +242,9 @@ def classify_sum(
     if any(_is_gate(n, modules) for n in path):
         return Skipped(add, "its branch already holds an SE / attention gate")
     width = _last_width(path, modules, order)
-    if width is not None and width != shape[1] and width == shape[-1]:
-        return Skipped(add, f"its branch ends in {width} features but dim 1 has {shape[1]}: not N x C x H x W")
+    if width is not None and width == shape[-1]:
+        return Skipped(add, f"its branch ends in a linear map over the last dimension ({width} features; dim 1 has "
+                       f"{shape[1]}): a channels-last N x H x W x C tensor, not N x C x H x W")
     insert, consumer = branch, add
     while (inner := _pass_through_input(insert, modules)) is not None and len(inner.users) == 1:
         if _shape(inner) != shape or inner not in path:
