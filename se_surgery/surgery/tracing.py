@@ -60,7 +60,7 @@ def concrete_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str
         if value is None:
             concrete[key] = None
         elif isinstance(value, (tuple, list)) and value and all(type(v) is int for v in value):
-            concrete[key] = type(value)(PH for _ in value)
+            concrete[key] = [PH] * len(value) if isinstance(value, list) else (PH,) * len(value)  # torch.Size too
     return concrete
 
 
