@@ -162,3 +162,32 @@ def test_dla_optional_shortcut_argument_and_no_stray_output(capfd):
     names = set(se_blocks(se))
     assert "level2.tree1.se" in names and "level2.tree2.se" in names
     assert len(se_blocks(hrnet)) > 0
+
+
+def test_a_size_argument_is_traced_element_by_element_and_not_frozen():
+    class Pos(nn.Module):  # Twins' PosConv: tokens in, the feature map's size as an argument
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+
+        def forward(self, x, size):
+            n, _, c = x.shape
+            feat = x.transpose(1, 2).view(n, c, *size)
+            return (self.proj(feat) + feat).flatten(2).transpose(1, 2)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.pos = nn.Conv2d(3, 16, 1), Pos()
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.pos(x.flatten(2).transpose(1, 2), x.shape[2:])  # a torch.Size
+
+    base = Net().eval()
+    se = add_se(base, reduction=4)  # probed at 64 x 64
+    assert list(se_blocks(se)) == ["pos.se"]
+    x = torch.randn(2, 3, 24, 20)  # another size: the traced block must not have frozen 64 x 64
+    with torch.no_grad():
+        assert se.eval()(x).shape == (2, 480, 16)
+        assert torch.equal(remove_se(se).eval()(x), base(x))
