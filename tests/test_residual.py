@@ -92,14 +92,28 @@ def test_swish_is_not_a_gate():
     assert isinstance(v, Residual)
 
 
+class NHWCBlock(nn.Module):  # Swin-style: x is N x H x W x C and the MLP acts on the last dim
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
 def test_channels_last_token_mlp_is_not_an_se_place():
-    class NHWCBlock(nn.Module):  # Swin-style: x is N x H x W x C and the MLP acts on the last dim
-        def __init__(self) -> None:
-            super().__init__()
-            self.mlp = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
-
-        def forward(self, x):
-            return x + self.mlp(x)
-
     (v,) = verdicts(NHWCBlock(), torch.randn(2, 6, 6, 8))
     assert isinstance(v, Skipped) and "not N x C x H x W" in v.reason
+
+
+def test_a_linear_over_the_last_dim_is_channels_last_even_when_dim_1_has_its_width():
+    # MaxViT-style N x windows x tokens x C with as many windows as channels
+    (v,) = verdicts(NHWCBlock(), torch.randn(2, 8, 5, 8))
+    assert isinstance(v, Skipped) and "channels-last" in v.reason
+
+    class Permuted(NHWCBlock):  # ConvNeXt-style: N x C x H x W, the MLP runs channels-last and permutes back
+        def forward(self, x):
+            return x + self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    (v,) = verdicts(Permuted(), torch.randn(2, 8, 8, 8))
+    assert isinstance(v, Residual) and v.channels == 8

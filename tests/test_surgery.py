@@ -219,9 +219,9 @@ def unchanged(model: nn.Module, snapshot: dict, modules: list) -> bool:
 def test_untraceable_block_names_the_module_and_leaves_the_model_untouched():
     model = Hybrid()
     snapshot, modules = copy.deepcopy(model.state_dict()), list(model.modules())
-    for inplace in (False, True):
+    for inplace in (False, True):  # strict=True: the untraceable block refuses the whole model, as it names
         with pytest.raises(SurgeryError, match=r"`untraceable` \(DataDependent\).*leaf_modules=\['untraceable'\]"):
-            add_se(model, inplace=inplace)
+            add_se(model, inplace=inplace, strict=True)
         assert unchanged(model, snapshot, modules)
     se = add_se(model, leaf_modules=[DataDependent])  # the way out: that block keeps no SE, the others get one
     assert list(se_blocks(se)) == ["block.se"]
@@ -256,7 +256,7 @@ def test_bad_reduction(r):
     model = torchvision.models.resnet18()
     snapshot, modules = copy.deepcopy(model.state_dict()), list(model.modules())
     with pytest.raises(SurgeryError, match="reduction"):
-        add_se(model, reduction=r, inplace=True)
+        add_se(model, reduction=r, inplace=True, strict=True)  # 65 > layer1's 64 channels: refused when strict
     assert unchanged(model, snapshot, modules)
 
 

@@ -1,9 +1,20 @@
 """The rule that tells a residual branch from its skip, on an fx graph. Pure: no module is changed here.
 
-A residual sum adds two same-shape 4-D tensors. Operand order means nothing (torchvision's ResNet puts the branch
-first, MobileNetV2 and RegNet second), so the rule looks at what lies between the operands' latest common ancestor
-and each operand: the branch holds more learned layers (conv / linear) on its longest path, the skip at most one
-(identity, a 1x1 projection + norm, or pool + conv). Ties, or two heavy operands, are not residual sums.
+The rule, checkable by hand on one block's forward:
+
+1. A residual unit is a sum ``branch + skip`` of two same-shape N x C x H x W tensors that start from one input, the
+   unit's input: the operands' latest common ancestor, or a forward argument that is itself the skip (timm's DLA
+   passes its projected shortcut in as ``shortcut``). Counting learned layers (conv / linear) on the longest path
+   from that input, the skip carries it forward through at most one (identity, a 1x1 projection + norm, pool +
+   conv) and the branch through more. Operand order means nothing; ties and two heavy operands are not units.
+2. The skip carries the *whole* input: a skip without a learned layer that is only a piece of it (one output of a
+   split or chunk, or fewer channels) is not a skip. Res2Net's hierarchical sums between its channel splits and
+   EfficientViT's cascaded attention heads are such inner sums, so a Res2Net bottleneck gets one SE. Likewise a
+   sum lying on the branch of another unit of the same forward is not a unit of its own.
+3. The branch must not already hold an SE / attention gate, and must be channels-first: a branch whose last learned
+   layer is a linear map over the tensor's last dimension, with no permute / reshape / concatenation after it, is a
+   channels-last N x H x W x C token MLP (Swin, MaxViT's partitions), whatever dim 1 holds. A branch ending in a
+   convolution is channels-first whatever its last conv's width (GhostNet concatenates primary and cheap features).
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.ops import SqueezeExcitation
 
-__all__ = ["Residual", "Skipped", "find_sums", "classify_sum", "learned_layers"]
+__all__ = ["Residual", "Skipped", "find_sums", "classify_sum", "residual_units", "learned_layers"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
@@ -131,15 +142,41 @@ def _pass_through_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node
     return None
 
 
+_CONCAT = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+_REORDER = re.compile(r"permute|transpose|movedim|swapaxes|flatten|reshape|view|unflatten", re.IGNORECASE)
+
+
 def _last_width(path: set[fx.Node], modules: dict[str, nn.Module], order: dict[fx.Node, int]) -> int | None:
-    """Output width of the branch's last conv / linear layer (to catch channels-last N x H x W x C tensors)."""
+    """Output width of the branch's last learned layer if it is a linear map acting on the tensor's last dimension
+    (a channels-last token MLP); None when it is a convolution (channels-first by construction), or when the branch
+    concatenates or moves dimensions after it (ConvNeXt's ``Linear`` then ``permute`` back to N x C x H x W).
+    """
     for node in sorted(path, key=order.__getitem__, reverse=True):
+        target = getattr(node.target, "__name__", str(node.target))
+        if node.op == "call_function" and node.target in _CONCAT:
+            return None
+        if node.op in ("call_method", "call_function") and _REORDER.search(target):
+            return None
         if node.op == "call_module":
-            layers = [m for m in modules[node.target].modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-            if layers:
-                last = layers[-1]
-                return last.out_channels if isinstance(last, nn.modules.conv._ConvNd) else last.out_features
+            module = modules[node.target]
+            inside = list(module.modules())
+            learned = [i for i, m in enumerate(inside) if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+            if learned:
+                last = inside[learned[-1]]
+                reordered = any(_REORDER.search(type(m).__name__) for m in inside[learned[-1] + 1 :])
+                return None if isinstance(last, nn.modules.conv._ConvNd) or reordered else last.out_features
+            if _REORDER.search(type(module).__name__):
+                return None
     return None
+
+
+def _is_part(root: fx.Node, skip: fx.Node) -> bool:
+    """Whether ``skip`` is one piece of ``root``: ``root`` is a split / chunk, or ``skip`` has fewer channels."""
+    meta = root.meta.get("tensor_meta")
+    if root.op != "placeholder" and isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):  # split outputs
+        return True
+    whole, piece = _shape(root), _shape(skip)
+    return whole is not None and len(whole) == 4 and piece[1] < whole[1]
 
 
 def _is_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -173,10 +210,6 @@ def classify_sum(
     shape = _shape(a)
     if len(shape) != 4:
         return Skipped(add, f"a sum of {len(shape)}-D tensors (a transformer-style block?), SE needs N x C x H x W")
-    common = (_ancestors(a) | {a}) & (_ancestors(b) | {b})
-    if not common:
-        return Skipped(add, "its operands share no input, so neither is a skip connection")
-    root = max(common, key=order.__getitem__)
 
     def weight(n: fx.Node) -> int:
         if n.op == "call_module":
@@ -184,20 +217,62 @@ def classify_sum(
         name = getattr(n.target, "__name__", "")
         return int(n.op == "call_function" and name in {"conv1d", "conv2d", "conv3d", "linear"})
 
-    (wa, path_a), (wb, path_b) = _heaviest_path(root, a, order, weight), _heaviest_path(root, b, order, weight)
+    common = (_ancestors(a) | {a}) & (_ancestors(b) | {b})
+    if common:
+        root = max(common, key=order.__getitem__)
+        (wa, path_a), (wb, path_b) = _heaviest_path(root, a, order, weight), _heaviest_path(root, b, order, weight)
+    else:  # a skip handed in as a forward argument (DLA: ``forward(x, shortcut)``): the other side starts at an input
+        arg, other = (a, b) if a.op == "placeholder" else (b, a)
+        inputs = [n for n in _ancestors(other) if n.op == "placeholder"]
+        if arg.op != "placeholder" or not inputs:
+            return Skipped(add, "its operands share no input, so neither is a skip connection")
+        heavy = max((_heaviest_path(n, other, order, weight) for n in inputs), key=lambda wp: wp[0])
+        (wa, path_a), (wb, path_b) = (((0, set()), heavy) if arg is a else (heavy, (0, set())))
     if wa == wb:
         return Skipped(add, f"both operands carry {wa} learned layer(s), so neither is the skip")
     (branch, path, heavy), (skip, light) = ((a, path_a, wa), (b, wb)) if wa > wb else ((b, path_b, wb), (a, wa))
     if light > 1:
         return Skipped(add, f"the lighter operand carries {light} learned layers; a skip has at most one")
+    if common and light == 0 and _is_part(root, skip):
+        return Skipped(
+            add,
+            "its lighter operand is only a piece of the block's tensor (a channel split or chunk: an inner sum, as "
+            "Res2Net's hierarchical splits), not the input carried forward",
+        )
     if any(_is_gate(n, modules) for n in path):
         return Skipped(add, "its branch already holds an SE / attention gate")
     width = _last_width(path, modules, order)
-    if width is not None and width != shape[1]:
-        return Skipped(add, f"its branch ends in {width} features but dim 1 has {shape[1]}: not N x C x H x W")
+    if width is not None and width == shape[-1]:
+        return Skipped(add, f"its branch ends in a linear map over the last dimension ({width} features; dim 1 has "
+                       f"{shape[1]}): a channels-last N x H x W x C tensor, not N x C x H x W")
     insert, consumer = branch, add
     while (inner := _pass_through_input(insert, modules)) is not None and len(inner.users) == 1:
         if _shape(inner) != shape or inner not in path:
             break
         insert, consumer = inner, insert
     return Residual(add, branch, skip, insert, consumer, int(shape[1]))
+
+
+def residual_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[Residual | Skipped]:
+    """Every same-shape sum of ``graph`` (one block's forward, shapes propagated), judged by the module's rule.
+
+    A residual sum that lies on another one's branch, and not on its skip, is skipped (rule 2).
+    """
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    verdicts = [classify_sum(add, a, b, modules, order) for add, a, b in find_sums(graph)]
+    units = [v for v in verdicts if isinstance(v, Residual)]
+
+    def nested(inner: Residual) -> bool:
+        return any(
+            outer is not inner
+            and inner.add in _ancestors(outer.branch) | {outer.branch}
+            and inner.add not in _ancestors(outer.skip) | {outer.skip}
+            for outer in units
+        )
+
+    return [
+        Skipped(v.add, "it lies inside the branch of another residual sum of the same block (one SE per unit)")
+        if isinstance(v, Residual) and nested(v)
+        else v
+        for v in verdicts
+    ]

@@ -18,8 +18,8 @@ from torchvision.ops import SqueezeExcitation
 from ..errors import SurgeryError
 from .naming import SE_LEAF, paper_names_for, se_name
 from .probe import probe_sums
-from .residual import Residual, Skipped, classify_sum, find_sums
-from .tracing import build_graph_module, propagate_shapes, trace_module
+from .residual import Residual, Skipped, residual_units
+from .tracing import build_graph_module, concrete_arguments, propagate_shapes, trace_module
 
 __all__ = ["add_se", "remove_se", "se_blocks", "paper_names"]
 
@@ -77,14 +77,28 @@ def _where_filter(where: Where, paper: dict[str, str]) -> Callable[[str], bool]:
     return lambda owner: any(matches(item, owner) for item in items)
 
 
-def _make_se(channels: int, reduction: int, init: str, like: torch.Tensor | None, where: str) -> SqueezeExcitation:
-    hidden = channels // reduction
+def hidden_width(channels: int, reduction: int, divisor: int | None = None) -> int:
+    """The excitation's hidden width: C // r, or with ``divisor`` C / r rounded to the nearest multiple of it (never
+    below ``divisor``), as timm's SE modules round it (``make_divisible(C / r, divisor, round_limit=0)``)."""
+    if divisor is None:
+        return channels // reduction
+    return max(divisor, int(channels / reduction + divisor / 2) // divisor * divisor)
+
+
+def _narrow(channels: int, reduction: int, where: str) -> str:
+    return (
+        f"reduction={reduction} is larger than the {channels} channels of {where or 'the top-level sum'}: "
+        f"the excitation's hidden layer C // r would be empty. Use reduction <= {channels}, divisor=8 (timm-style "
+        f"rounding, hidden width >= 8), or leave that block out with where=lambda owner: owner != {where!r}"
+    )
+
+
+def _make_se(
+    channels: int, reduction: int, init: str, like: torch.Tensor | None, where: str, divisor: int | None = None
+) -> SqueezeExcitation:
+    hidden = hidden_width(channels, reduction, divisor)
     if hidden < 1:
-        raise SurgeryError(
-            f"reduction={reduction} is larger than the {channels} channels of {where or 'the top-level sum'}: "
-            f"the excitation's hidden layer C // r would be empty. Use reduction <= {channels}, or leave that block "
-            f"out with where=lambda owner: owner != {where!r}."
-        )
+        raise SurgeryError(_narrow(channels, reduction, where) + ".")
     se = SqueezeExcitation(channels, hidden)  # z = avgpool(u); s = sigmoid(fc2(relu(fc1(z)))); out = s * u
     for fc in (se.fc1, se.fc2):
         nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")  # He et al. 2015, as the paper trains from scratch
@@ -97,15 +111,29 @@ def _make_se(channels: int, reduction: int, init: str, like: torch.Tensor | None
     return se
 
 
-def _grouped(skipped: list[tuple[str, Skipped]]) -> str:
+def _grouped(skipped: list[tuple[str, Skipped]], failed: list[tuple[str, str, SurgeryError]] = ()) -> str:
+    """One line for everything left without SE: sums by reason, then blocks fx could not trace or run, by class."""
     by_reason: dict[str, list[str]] = {}
     for owner, skip in skipped:
         by_reason.setdefault(skip.reason, []).append(owner or "<top>")
+    by_class: dict[str, list[tuple[str, SurgeryError]]] = {}
+    for owner, kind, err in failed:
+        by_class.setdefault(kind, []).append((owner or "<top>", err))
     parts = []
     for reason, owners in by_reason.items():
-        shown = ", ".join(owners[:4]) + (f" and {len(owners) - 4} more" if len(owners) > 4 else "")
-        parts.append(f"{len(owners)} sum(s) where {reason} ({shown})")
+        parts.append(f"{len(owners)} sum(s) where {reason} ({_shown(owners)})")
+    for kind, errors in by_class.items():
+        first = str(errors[0][1]).rstrip(".")
+        if len(errors) == 1:
+            parts.append(f"1 block left as it is: {first}")
+        else:
+            others = _shown([o for o, _ in errors[1:]])
+            parts.append(f"{len(errors)} blocks left as they are: {first} (also {others}, the same class)")
     return "; ".join(parts)
+
+
+def _shown(owners: list[str]) -> str:
+    return ", ".join(owners[:4]) + (f" and {len(owners) - 4} more" if len(owners) > 4 else "")
 
 
 def add_se(
@@ -118,14 +146,17 @@ def add_se(
     autowrap_functions: Sequence[Callable] = (),
     example_input: torch.Tensor | None = None,
     inplace: bool = False,
+    divisor: int | None = None,
+    strict: bool = False,
 ) -> nn.Module:
     """Put an SE block on the branch of every residual sum of ``model`` (SENet's "standard SE" position).
 
     Each residual sum ``x + F(x)`` becomes ``x + SE(F(x))``, the SE being ``torchvision.ops.SqueezeExcitation(C, C // r)``
     placed after the branch's last norm and before any drop-path / layer-scale factor. It is registered at
     ``<owner>.se`` (``se_1``, ``se_2``... for further sums in the same module), ``<owner>`` being the module whose
-    forward holds the sum. Sums that are not residual (ties, 3-D tokens, branches already gated) are skipped with a
-    logged warning.
+    forward holds the sum. Sums that are not residual (ties, 3-D tokens, branches already gated, inner sums of a
+    block) are skipped, and so are blocks fx cannot trace or run and blocks narrower than r: one logged warning names
+    them, why, and the way out.
 
     Args:
         model: any CNN (torchvision, timm, your own); left untouched unless ``inplace``.
@@ -139,14 +170,18 @@ def add_se(
         autowrap_functions: functions fx should record as calls rather than trace through.
         example_input: an input the model accepts, for shape propagation; default ``randn(2, 3, 64, 64)``.
         inplace: modify ``model`` itself (a top-level sum still makes a new root: use the return value).
+        divisor: round the hidden width C / r to a multiple of ``divisor`` (never below it), as timm's
+            ``make_divisible``; then blocks narrower than r get an SE too. None: C // r, the paper's width.
+        strict: raise on the first block fx cannot trace or run, or that is narrower than r, instead of skipping it.
 
     Returns:
         The SE model: same class, methods and state_dict keys, plus the SE parameters (unless the top-level forward
         holds a sum, which makes the root a ``GraphModule``).
 
     Raises:
-        SurgeryError: bad ``reduction``/``init``, a block fx cannot trace, no residual sum at all, or a ``where``
-            that selects nothing. ``model`` is then unchanged.
+        SurgeryError: bad ``reduction``/``init``/``divisor``, nothing left to gate (no residual sum, every one
+            skipped, or a ``where`` that selects nothing), or with ``strict`` any block skipped for fx or width.
+            ``model`` is then unchanged.
 
     Examples:
         >>> se_resnet50 = add_se(torchvision.models.resnet50())
@@ -157,6 +192,8 @@ def add_se(
         raise SurgeryError(f"reduction must be an integer >= 1 (the paper's r, default 16); got {reduction!r}")
     if init not in ("he", "identity"):
         raise SurgeryError(f"init must be 'he' or 'identity'; got {init!r}")
+    if divisor is not None and (not isinstance(divisor, int) or isinstance(divisor, bool) or divisor < 1):
+        raise SurgeryError(f"divisor must be None or an integer >= 1 (timm rounds SE widths to 8); got {divisor!r}")
     leaves = _leaf_names(model, leaf_modules)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
@@ -164,30 +201,34 @@ def add_se(
 
     plans: dict[str, tuple[fx.Graph, list[Residual]]] = {}
     skipped: list[tuple[str, Skipped]] = []
+    failed: list[tuple[str, str, SurgeryError]] = []  # blocks fx cannot trace or run: (owner, class, error)
     for owner in probe.owners:
         if owner in leaves:
             continue
         module = modules[owner]
-        graph = trace_module(module, owner, autowrap_functions=autowrap_functions)
-        propagate_shapes(module, graph, owner, *probe.inputs[owner])
-        order = {node: i for i, node in enumerate(graph.nodes)}
-        submodules = dict(module.named_modules())
+        args, kwargs = probe.inputs[owner]
+        try:
+            concrete = concrete_arguments(module, args, kwargs)
+            graph = trace_module(module, owner, autowrap_functions=autowrap_functions, concrete_args=concrete)
+            propagate_shapes(module, graph, owner, args, kwargs)
+        except SurgeryError as err:
+            if strict:
+                raise
+            failed.append((owner, type(module).__name__, err))
+            continue
         found = []
-        for add, a, b in find_sums(graph):
-            verdict = classify_sum(add, a, b, submodules, order)
+        for verdict in residual_units(graph, dict(module.named_modules())):
             (found if isinstance(verdict, Residual) else skipped).append(
                 verdict if isinstance(verdict, Residual) else (owner, verdict)
             )
         if found:
             plans[owner] = (graph, found)
-    if skipped:
-        logger.warning("add_se skipped %s", _grouped(skipped))
     if not plans:
-        if skipped:
+        if skipped or failed:
             raise SurgeryError(
-                f"no residual sum of {type(model).__name__} can take an SE: {_grouped(skipped)}. A model whose blocks "
-                "are already gated (add_se applied twice, EfficientNet, RegNetY, SE-ResNet) needs none; for the "
-                "plain version, start from the model without attention (e.g. regnet_x instead of regnet_y)."
+                f"no residual sum of {type(model).__name__} can take an SE: {_grouped(skipped, failed)}. A model "
+                "whose blocks are already gated (add_se applied twice, EfficientNet, RegNetY, SE-ResNet) needs none; "
+                "for the plain version, start from the model without attention (e.g. regnet_x instead of regnet_y)."
             )
         raise SurgeryError(
             f"found no residual sum in {type(model).__name__}: no module adds two same-shape tensors. add_se works "
@@ -203,6 +244,28 @@ def add_se(
             f"where={where!r} excluded every residual block; candidates: "
             + ", ".join(f"{o or '<top>'} ({p})" for o, p in paper.items())
         )
+    for owner, (graph, found) in list(plans.items()):  # blocks narrower than r: skipped (strict: refused)
+        wide = [r for r in found if hidden_width(r.channels, reduction, divisor) >= 1]
+        for r in found:
+            if r not in wide:
+                if strict:
+                    raise SurgeryError(_narrow(r.channels, reduction, owner) + ".")
+                reason = (
+                    f"the block has {r.channels} channels, fewer than r={reduction} (C // r would be 0; pass a smaller "
+                    "reduction, divisor=8, or where= to leave it out)"
+                )
+                skipped.append((owner, Skipped(r.add, reason)))
+        if wide:
+            plans[owner] = (graph, wide)
+        else:
+            del plans[owner]
+    if skipped or failed:
+        logger.warning("add_se skipped %s", _grouped(skipped, failed))
+    if not plans:
+        raise SurgeryError(
+            f"no residual block of {type(model).__name__} is wide enough for r={reduction}: "
+            f"{_grouped(skipped, failed)}."
+        )
 
     blocks: dict[str, list[tuple[Residual, str, SqueezeExcitation]]] = {}
     for owner, (graph, found) in plans.items():
@@ -210,7 +273,7 @@ def add_se(
         names = _free_se_names(modules[owner], owner, len(found))
         blocks[owner] = []
         for k, (r, name) in enumerate(zip(found, names)):
-            se = _make_se(r.channels, reduction, init, like, owner)
+            se = _make_se(r.channels, reduction, init, like, owner, divisor)
             se._se_surgery = {  # marks the blocks add_se made (remove_se never touches others), survives copies
                 "paper_name": paper[owner] + (f"_{k + 1}" if k else ""),
                 "order": (probe.owners.index(owner), k),  # forward order of the sums

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
+from torch.fx._symbolic_trace import PH
+from torch.fx.graph import _PyTreeCodeGen
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import SurgeryError
 from ..modes import eval_mode
 
-__all__ = ["trace_module", "propagate_shapes", "build_graph_module"]
+__all__ = ["trace_module", "propagate_shapes", "build_graph_module", "concrete_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +38,43 @@ def _display(name: str) -> str:
     return f"`{name}`" if name else "the top-level model"
 
 
+def concrete_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """fx ``concrete_args`` for the forward arguments of a recorded call that fx cannot trace as one opaque value.
+
+    - None (passed, or left at a None default) is fixed to None, so ``if shortcut is None: shortcut = x`` (timm's
+      DLA blocks) takes the branch the model really takes; the traced forward asserts it stays None.
+    - A tuple or list of ints (a feature-map size, Twins' ``PosConv.forward(x, size)``) is traced element by element,
+      so ``view(B, C, *size)`` works and the block still runs at any size.
+    """
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {}
+    bound.apply_defaults()
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = bound.signature.parameters
+    concrete: dict[str, Any] = {}
+    for key, value in bound.arguments.items():
+        if params[key].kind not in plain:
+            continue
+        if value is None:
+            concrete[key] = None
+        elif isinstance(value, (tuple, list)) and value and all(type(v) is int for v in value):
+            concrete[key] = [PH] * len(value) if isinstance(value, list) else (PH,) * len(value)  # torch.Size too
+    return concrete
+
+
 def trace_module(
-    module: nn.Module, name: str, *, autowrap_functions: Sequence[Callable[..., Any]] = ()
+    module: nn.Module,
+    name: str,
+    *,
+    autowrap_functions: Sequence[Callable[..., Any]] = (),
+    concrete_args: dict[str, Any] | None = None,
 ) -> fx.Graph:
     """Symbolically trace ``module``'s own forward (children as leaves).
+
+    Args:
+        concrete_args: forward arguments fixed at trace time (see :func:`none_arguments`).
 
     Raises:
         SurgeryError: fx cannot trace it (data-dependent control flow, iterating a tensor, ...); the message names
@@ -45,21 +82,31 @@ def trace_module(
     """
     tracer = _ShallowTracer(autowrap_functions=tuple(autowrap_functions))
     try:
-        graph = tracer.trace(module)
+        graph = tracer.trace(module, concrete_args or None)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError, ... depending on the construct
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = _first_line(err)
         raise SurgeryError(
             f"torch.fx cannot trace the forward of {_display(name)} ({type(module).__name__}), which holds a residual "
             f"sum: {reason}. Either leave this block without SE with add_se(..., leaf_modules=[{name!r}]) or "
             f"leaf_modules=[{type(module).__name__}], or, if a helper function is the problem, keep it opaque with "
             f"autowrap_functions=[that_function]."
         ) from err
-    _refuse_mode_dependent(module, name, graph, autowrap_functions)
+    _refuse_mode_dependent(module, name, graph, autowrap_functions, concrete_args)
     return graph
 
 
+def _first_line(err: Exception) -> str:
+    """The gist of an fx error: its first line, without the node metadata ShapeProp appends."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.split(" with meta=")[0]
+
+
 def _refuse_mode_dependent(
-    module: nn.Module, name: str, graph: fx.Graph, autowrap_functions: Sequence[Callable[..., Any]]
+    module: nn.Module,
+    name: str,
+    graph: fx.Graph,
+    autowrap_functions: Sequence[Callable[..., Any]],
+    concrete_args: dict[str, Any] | None = None,
 ) -> None:
     """fx fixes ``self.training`` at trace time: refuse a block whose own forward depends on it."""
     try:
@@ -69,7 +116,7 @@ def _refuse_mode_dependent(
         pass
     module.training = not module.training  # the owner's own flag only: children are leaves of this trace
     try:
-        other = _ShallowTracer(autowrap_functions=tuple(autowrap_functions)).trace(module)
+        other = _ShallowTracer(autowrap_functions=tuple(autowrap_functions)).trace(module, concrete_args or None)
     finally:
         module.training = not module.training
     if other.python_code("self").src != graph.python_code("self").src:
@@ -82,25 +129,41 @@ def _refuse_mode_dependent(
 
 
 def _positional_inputs(module: nn.Module, graph: fx.Graph, args: tuple, kwargs: dict) -> list[Any]:
-    """Order recorded call arguments like the graph's placeholders (a forward may be called with keywords)."""
-    if not kwargs:
+    """Order recorded call arguments like the graph's placeholders (a forward may be called with keywords).
+
+    fx may rename a placeholder (``shortcut`` -> ``shortcut_1`` when it was fixed by ``concrete_args``), so a name
+    that is not an argument is matched by its position in the signature instead.
+    """
+    placeholders = [n.target for n in graph.nodes if n.op == "placeholder"]
+    if isinstance(graph._codegen, _PyTreeCodeGen):  # the traced forward flattens its own arguments
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        return list(bound.arguments.values())
+    if not kwargs and len(args) >= len(placeholders):
         return list(args)
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     bound.apply_defaults()
-    placeholders = [n.target for n in graph.nodes if n.op == "placeholder"]
-    return [bound.arguments[p.lstrip("*")] for p in placeholders]
+    values = list(bound.arguments.values())
+    return [
+        bound.arguments[p.lstrip("*")] if p.lstrip("*") in bound.arguments else values[i]
+        for i, p in enumerate(placeholders)
+    ]
 
 
 def propagate_shapes(module: nn.Module, graph: fx.Graph, name: str, args: tuple, kwargs: dict) -> None:
-    """Annotate every node of ``graph`` with ``meta["tensor_meta"]`` by running it on recorded inputs (ShapeProp)."""
+    """Annotate every node of ``graph`` with ``meta["tensor_meta"]`` by running it on recorded inputs (ShapeProp).
+
+    ShapeProp prints a traceback to stderr before it re-raises; that print is swallowed (the error carries it).
+    """
     gm = fx.GraphModule(module, graph)
     try:
-        with eval_mode(gm), torch.no_grad():  # BatchNorm must not update its running statistics here
+        # BatchNorm must not update its running statistics here
+        with eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*_positional_inputs(module, graph, args, kwargs))
     except Exception as err:
         raise SurgeryError(
             f"the traced forward of {_display(name)} ({type(module).__name__}) does not run on the inputs it received "
-            f"({err}). Pass leaf_modules=[{name!r}] to leave it as it is."
+            f"({_first_line(err)}). Pass leaf_modules=[{name!r}] to leave it as it is."
         ) from err
 
 
