@@ -211,3 +211,10 @@ def test_summary_takes_add_se_options_and_refuses_them_on_an_se_model():
     assert cost.se_blocks == 2 and cost.params_se - cost.params_base == 2 * 2 * 512 * 64
     with pytest.raises(SurgeryError, match="plain model"):
         summary(add_se(torchvision.models.resnet18()), (1, 3, 32, 32), reduction=8)
+
+
+@pytest.mark.parametrize("position", ["pre", "post", "identity"])
+def test_an_se_off_the_branch_is_not_doubled(position):
+    se = add_se(torchvision.models.resnet18(), position=position)
+    with pytest.raises(SurgeryError, match="already holds an SE|add_se applied twice"):  # identity: SE on the skip
+        add_se(se)

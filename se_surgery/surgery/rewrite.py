@@ -299,6 +299,9 @@ def _placements(
     placed: dict[str, list[Placement]] = {}
     skipped: list[tuple[str, Skipped]] = []
     for owner, (graph, found) in plans.items():
+        if _se_leaves(modules[owner]):  # SE-POST / PRE / Identity sit off the branch, where the gate rule cannot see them
+            skipped.extend((owner, Skipped(r.add, "its block already holds an SE from add_se")) for r in found)
+            continue
         for r in found:
             _make_out_of_place(graph, r.add)
         order = {node: i for i, node in enumerate(graph.nodes)}
@@ -311,6 +314,8 @@ def _placements(
                 placed.setdefault(owner, []).append(verdict)
     if skipped:
         logger.warning("add_se(position=%r) skipped %s", position, _grouped(skipped))
+    if not placed and all("already holds" in skip.reason for _, skip in skipped):
+        raise SurgeryError(f"no residual sum can take an SE: {_grouped(skipped)}")
     if not placed:
         raise SurgeryError(
             f"position={position!r} fits none of the selected residual blocks: {_grouped(skipped)}. Pick another "
