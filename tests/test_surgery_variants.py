@@ -101,7 +101,7 @@ def test_squeeze_and_excitation_follow_their_formula(squeeze, excitation):
     se = se_blocks(model)["1.se"]
     assert se._se_surgery | {"order": None} == {
         "paper_name": "SE_2_1", "order": None, "replaced_none": False, "position": "standard",
-        "squeeze": squeeze, "excitation": excitation, "bias": excitation != "tanh"}
+        "squeeze": squeeze, "excitation": excitation, "bias": excitation != "tanh", "se_layer": None}
     assert (se.fc1.bias is None) == (excitation == "tanh")
     u = torch.randn(2, 16, 5, 7)
     gates = []
@@ -148,7 +148,8 @@ def test_se_layer_puts_a_timm_module_anywhere():
      ({"excitation": "softmax"}, "excitation must be one of"), ({"bias": "yes"}, "bias must be True or False"),
      ({"se_layer": 3}, "se_layer must be a callable"),
      ({"se_layer": lambda c: nn.Conv2d(c, 2 * c, 1)}, r"maps 2 x \d+ x 5 x 7 to \(2, \d+, 5, 7\).*same shape"),
-     ({"se_layer": lambda c: "gate"}, "must return an nn.Module")],
+     ({"se_layer": lambda c: "gate"}, "must return an nn.Module"),
+     ({"init": "identity", "bias": False}, "needs bias=True")],
 )
 def test_bad_options_leave_the_model_untouched(options, match):
     model = torchvision.models.resnet18()

@@ -125,6 +125,11 @@ def _check_options(reduction: int, init: str, options: dict) -> None:
             raise SurgeryError(f"{key} must be one of {', '.join(map(repr, allowed))}; got {options[key]!r}")
     if not isinstance(options["bias"], bool):
         raise SurgeryError(f"bias must be True or False; got {options['bias']!r}")
+    if init == "identity" and not options["bias"] and options["se_layer"] is None:
+        raise SurgeryError(
+            "init='identity' opens the gates through fc2's bias, so it needs bias=True (without biases every gate "
+            "would start at sigma(0): half the branch for sigmoid, none of it for tanh and relu)"
+        )
     if options["se_layer"] is not None and not callable(options["se_layer"]):
         raise SurgeryError(
             f"se_layer must be a callable channels -> nn.Module (a class such as timm.layers.EcaModule, or a "
@@ -256,7 +261,7 @@ def add_se(
         )
 
     placed = _placements(plans, position, modules)
-    described = {k: v for k, v in options.items() if k != "se_layer"}
+    described = {**options, "se_layer": None}
     if se_layer is not None:
         described.update(squeeze=None, excitation=None, bias=None, se_layer=getattr(se_layer, "__name__", repr(se_layer)))
     blocks: dict[str, list[tuple[Placement, str, nn.Module]]] = {}

@@ -56,8 +56,7 @@ class SELayer(SqueezeExcitation):
 
     def reset_parameters(self, identity: bool = False) -> None:
         """He initialisation (the paper trains from scratch), or ``identity``: fc2 = 0 and a bias that opens every
-        gate (s = 1 to within 5e-5), so a pretrained network's outputs are kept; without biases s is then
-        sigma(0) (1/2 for sigmoid, 0 for tanh and relu), which only the default He initialisation avoids."""
+        gate (s = 1 to within 5e-5), so a pretrained network's outputs are kept (this needs fc2's bias)."""
         for fc in (self.fc1, self.fc2):
             nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
             if fc.bias is not None:
