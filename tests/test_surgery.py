@@ -34,6 +34,9 @@ def check_surgery(base: nn.Module, expected: int) -> nn.Module:
     blocks = se_blocks(se)
     assert len(blocks) == expected > 0
     assert type(se) is type(base)  # class (and so methods) kept
+    classes = {name: type(m) for name, m in base.named_modules()}  # every block keeps its class too (a subclass)
+    kept = [isinstance(m, classes[n]) and type(m).__name__ == classes[n].__name__ for n, m in se.named_modules() if n in classes]
+    assert len(kept) == len(classes) and all(kept)
     old, new = base.state_dict(), se.state_dict()
     assert set(old) <= set(new)
     assert all(torch.equal(old[k], new[k]) for k in old)
