@@ -67,6 +67,7 @@ def test_timm_resnet50():
     se = check_surgery(base, 16)
     # timm blocks hold `se = None`; ours takes that slot, under the same key names as timm's seresnet50
     assert "layer1.0.se.fc1.weight" in se.state_dict()
+    se.load_state_dict(timm.create_model("seresnet50").state_dict())  # timm's SE-ResNet-50 weights load, strictly
 
 
 def test_resnet50_matches_the_paper_cost():

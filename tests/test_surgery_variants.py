@@ -3,6 +3,7 @@ references with the same weights, and the exact costs of the paper's ablation ta
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -219,3 +220,25 @@ def test_an_se_off_the_branch_is_not_doubled(position):
     se = add_se(torchvision.models.resnet18(), position=position)
     with pytest.raises(SurgeryError, match="already holds an SE|add_se applied twice"):  # identity: SE on the skip
         add_se(se)
+
+
+def test_summary_cli_takes_the_options_and_prints_the_paper_tables():
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> str:
+        run = subprocess.run([sys.executable, "-m", "se_surgery.summary", *args], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    out = cli("resnet18", "--position", "post", "--squeeze", "max", "--no-bias", "--where", "3,4", "-r", "8",
+              "--input-size", "32")
+    cost = summary(torchvision.models.resnet18(), (1, 3, 32, 32), reduction=8, where=[3, 4], position="post",
+                   squeeze="max", bias=False)
+    assert "r=8, where=[3, 4], position=post, squeeze=max, bias=False, 32x32 input" in out
+    assert f"{cost.params_se:,}" in out and f"{cost.macs_se:,}" in out and "(4 SE blocks)" in out
+    tables = cli("resnet50", "--paper-tables", "--input-size", "64")
+    for label, params, paper in [("r = 2", 45_699_240, "45.7M"), ("stage 4 only", 26_349_992, "26.4M"),
+                                 ("SE 3x3", 25_718_228, "25.8M"), ("NoSqueeze", 28_088_024, "28.1M")]:
+        assert re.search(rf"{re.escape(label)}\s+{params:,}\s+{paper}", tables), label
+    assert "Table 10" in tables and "Table 13" in tables and "Table 15" in tables and "Table 16" in tables
