@@ -44,11 +44,15 @@ def randomise_norms(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def projection(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, 2, bias=False), nn.BatchNorm2d(cout))
+
+
 BLOCKS = {
     "basic": lambda: resnet.BasicBlock(16, 16),
-    "basic-projection": lambda: resnet.BasicBlock(16, 32, 2, nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))),
+    "basic-projection": lambda: resnet.BasicBlock(16, 32, 2, projection(16, 32)),
     "bottleneck": lambda: resnet.Bottleneck(64, 16),
-    "bottleneck-projection": lambda: resnet.Bottleneck(16, 16, 2, nn.Sequential(nn.Conv2d(16, 64, 1, 2, bias=False), nn.BatchNorm2d(64))),
+    "bottleneck-projection": lambda: resnet.Bottleneck(16, 16, 2, projection(16, 64)),
 }
 
 
