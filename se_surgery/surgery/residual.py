@@ -57,6 +57,8 @@ class Residual:
     insert_after: fx.Node
     consumer: fx.Node  # the one user of ``insert_after`` on the branch path: it will read the SE output instead
     channels: int
+    root: fx.Node | None = None  # the operands' latest common ancestor: the block's input as both sides see it
+    path: frozenset[fx.Node] = frozenset()  # the branch's nodes after ``root``, up to ``branch``
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,8 @@ def classify_sum(
         inputs = [n for n in _ancestors(other) if n.op == "placeholder"]
         if arg.op != "placeholder" or not inputs:
             return Skipped(add, "its operands share no input, so neither is a skip connection")
-        heavy = max((_heaviest_path(n, other, order, weight) for n in inputs), key=lambda wp: wp[0])
+        root = max(inputs, key=lambda n: _heaviest_path(n, other, order, weight)[0])  # where the branch starts
+        heavy = _heaviest_path(root, other, order, weight)
         (wa, path_a), (wb, path_b) = (((0, set()), heavy) if arg is a else (heavy, (0, set())))
     if wa == wb:
         return Skipped(add, f"both operands carry {wa} learned layer(s), so neither is the skip")
@@ -250,7 +253,7 @@ def classify_sum(
         if _shape(inner) != shape or inner not in path:
             break
         insert, consumer = inner, insert
-    return Residual(add, branch, skip, insert, consumer, int(shape[1]))
+    return Residual(add, branch, skip, insert, consumer, int(shape[1]), root, frozenset(path))
 
 
 def residual_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[Residual | Skipped]:
