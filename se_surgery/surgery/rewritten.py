@@ -54,17 +54,20 @@ def _compile_forward(src: str, globals_: dict[str, Any]):
 
 def _reduce_ex(self: nn.Module, protocol: int):
     cls = type(self)
-    args = (cls._se_surgery_base, cls._se_surgery_source, _portable(cls._se_surgery_globals), cls._se_surgery_calls)
+    args = (cls._se_surgery_base, cls._se_surgery_source, _portable(cls._se_surgery_globals), cls._se_surgery_calls,
+            cls._se_surgery_specs)
     return _rebuild, args, self.__getstate__()
 
 
-def _rebuild(base: type, src: str, globals_: dict[str, Any], called: frozenset[str]) -> nn.Module:
-    cls = _class_for(base, src, _resolved(globals_), called)
+def _rebuild(base: type, src: str, globals_: dict[str, Any], called: frozenset[str], specs: tuple | None = None) -> nn.Module:
+    cls = _class_for(base, src, _resolved(globals_), called, specs)
     return cls.__new__(cls)  # pickle / deepcopy then restore the state with nn.Module.__setstate__
 
 
-def _class_for(base: type, src: str, globals_: dict[str, Any], called: frozenset[str]) -> type:
-    key = (base, src, tuple(sorted((k, id(v)) for k, v in globals_.items())))
+def _class_for(
+    base: type, src: str, globals_: dict[str, Any], called: frozenset[str], specs: tuple | None = None
+) -> type:
+    key = (base, src, tuple(sorted((k, id(v)) for k, v in globals_.items())), str(specs))
     cls = _CLASSES.get(key)
     if cls is None:
         cls = type(base.__name__, (base,), {
@@ -76,6 +79,9 @@ def _class_for(base: type, src: str, globals_: dict[str, Any], called: frozenset
             "_se_surgery_source": src,
             "_se_surgery_globals": globals_,
             "_se_surgery_calls": called,
+            "_se_surgery_specs": specs,
+            # a trace with concrete arguments (DLA's shortcut=None, Twins' size tuple) flattens its inputs with these
+            **({"_in_spec": specs[0], "_out_spec": specs[1]} if specs else {}),
         })
         _CLASSES[key] = cls
     return cls
@@ -100,7 +106,9 @@ def rewrite(block: nn.Module, graph: fx.Graph) -> None:
     """Make ``block`` run ``graph`` (a trace of its own forward, edited), in place, keeping its class as a base."""
     code = graph.python_code("self")
     called = frozenset(n.target for n in graph.nodes if n.op == "call_module")
-    block.__class__ = _class_for(original_class(block), code.src, code.globals, called)
+    info = getattr(graph._codegen, "pytree_info", None)
+    specs = (info.in_spec, info.out_spec) if info is not None else None
+    block.__class__ = _class_for(original_class(block), code.src, code.globals, called, specs)
 
 
 def restore(block: nn.Module) -> None:
