@@ -176,7 +176,7 @@ def test_3x3_without_an_inner_spatial_conv(caplog):
 
     for model in (nn.Sequential(nn.Conv2d(3, 8, 1), Pointwise()), torchvision.models.mobilenet_v2()):
         with pytest.raises(SurgeryError, match=r"position='3x3' fits none.*spatial convolution"):
-            add_se(model, position="3x3")
+            add_se(model, reduction=2, position="3x3")
     mixed = nn.Sequential(nn.Conv2d(3, 8, 1), Pointwise(), resnet.BasicBlock(8, 8))
     with caplog.at_level(logging.WARNING, logger="se_surgery"):
         assert list(se_blocks(add_se(mixed, reduction=2, position="3x3"))) == ["2.se"]
