@@ -13,11 +13,9 @@ The hooks live in :class:`GateRecorder`, a context manager that always removes t
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,16 +23,17 @@ from torchvision.ops import SqueezeExcitation
 from tqdm.auto import tqdm
 
 from analysis.errors import AnalysisError
-from analysis.excitation_stats import ExcitationStats
+from analysis.excitation_stats import ExcitationStats, resolve_classes, select_blocks
 from analysis.streaming import ClassMoments
 from se_surgery.modes import eval_mode
+from se_surgery.surgery import paper_names
+from se_surgery.surgery.naming import SE_LEAF
 
 __all__ = ["GateRecorder", "capture_excitations", "find_gates", "model_paper_names"]
 
 logger = logging.getLogger(__name__)
 
 _GATE_NAMES = ("scale_activation", "gate")
-_SE_NAME = re.compile(r"se(_\d+)?")  # add_se names a second SE of the same block "se_1"
 
 
 def find_gates(model: nn.Module) -> dict[str, str]:
@@ -50,7 +49,7 @@ def find_gates(model: nn.Module) -> dict[str, str]:
         owner, _, leaf = name.rpartition(".")
         if leaf not in _GATE_NAMES or not owner:
             continue
-        if _SE_NAME.fullmatch(owner.rpartition(".")[2]) or (isinstance(modules[owner], SqueezeExcitation) and leaf == "scale_activation"):
+        if SE_LEAF.fullmatch(owner.rpartition(".")[2]) or (isinstance(modules[owner], SqueezeExcitation) and leaf == "scale_activation"):
             gates[owner] = name
     return gates
 
@@ -58,34 +57,10 @@ def find_gates(model: nn.Module) -> dict[str, str]:
 def model_paper_names(model: nn.Module) -> dict[str, str]:
     """The paper's ``SE_<stage>_<block>`` names from :func:`se_surgery.paper_names`; empty where it has none."""
     try:
-        from se_surgery import paper_names
-    except ImportError:
-        logger.info("se_surgery.paper_names is not available: blocks keep their module names")
-        return {}
-    try:
         return dict(paper_names(model))
     except Exception as err:  # a model the naming rule does not know is fine: module names still work
         logger.info("no paper names for this model (%s): blocks keep their module names", err)
         return {}
-
-
-def select_blocks(gates: dict[str, str], paper_names: dict[str, str], blocks: Iterable[str] | None) -> list[str]:
-    """Resolve ``blocks`` (SE module names or paper names; ``None`` = all) to SE module names.
-
-    Raises:
-        AnalysisError: a name that is no SE block; the message lists the valid ones.
-    """
-    if blocks is None:
-        return list(gates)
-    by_paper = {p: b for b, p in paper_names.items() if b in gates}
-    chosen, unknown = [], []
-    for name in blocks:
-        block = name if name in gates else by_paper.get(name)
-        (chosen if block else unknown).append(block or name)
-    if unknown:
-        valid = ", ".join(paper_names.get(b, b) for b in gates)
-        raise AnalysisError(f"unknown SE block(s) {', '.join(unknown)}: use any of {valid}")
-    return chosen
 
 
 def dataset_classes(loader: Iterable) -> list[str] | None:
@@ -94,26 +69,6 @@ def dataset_classes(loader: Iterable) -> list[str] | None:
     while dataset is not None and not hasattr(dataset, "classes"):
         dataset = getattr(dataset, "dataset", None)
     return [str(c) for c in dataset.classes] if dataset is not None else None
-
-
-def resolve_classes(classes: Sequence[int | str] | None, names: list[str] | None) -> list[int] | None:
-    """Class indices from names or indices (``None`` = all).
-
-    Raises:
-        AnalysisError: an unknown name or an index out of range; the message lists the valid ones.
-    """
-    if classes is None:
-        return None
-    out = []
-    for cls in classes:
-        if isinstance(cls, str) and names is not None and cls in names:
-            out.append(names.index(cls))
-        elif isinstance(cls, (int, np.integer)) and cls >= 0 and (names is None or cls < len(names)):
-            out.append(int(cls))
-        else:
-            valid = ", ".join(names) if names else "class indices"
-            raise AnalysisError(f"unknown class {cls!r}: use any of {valid} (or their indices)")
-    return out
 
 
 _FLUSH_ELEMENTS = 1 << 20  # gate values held back per block before they are folded in (4 MiB in float32)
@@ -237,8 +192,8 @@ def capture_excitations(
             "the model has no SE block (no '*.se.scale_activation', '*.se.gate' or SqueezeExcitation gate): "
             "add them with se_surgery.add_se and train it first"
         )
-    paper_names = model_paper_names(model)
-    chosen = select_blocks(gates, paper_names, blocks)
+    paper = model_paper_names(model)
+    chosen = select_blocks(gates, paper, blocks)
     names = dataset_classes(loader)
     selected = resolve_classes(classes, names)
     num_classes = len(names) if names else max(selected or [0]) + 1
@@ -264,7 +219,7 @@ def capture_excitations(
         raise AnalysisError("no image was captured: check that the loader yields images of the chosen classes")
     moments = recorder.moments
     names = names or [str(k) for k in range(max(m.num_classes for m in moments.values()))]
-    stats = ExcitationStats(moments, names, {b: paper_names[b] for b in moments if b in paper_names}).all_reduce()
+    stats = ExcitationStats(moments, names, {b: paper[b] for b in moments if b in paper}).all_reduce()
     for m in moments.values():
         m.to("cpu")
     logger.info("captured %d SE blocks over %d images", len(moments), stats.count(stats.blocks[0]))

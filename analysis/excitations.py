@@ -28,8 +28,9 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from analysis.ablation import LAST_STAGE, ablate, ablation_blocks  # noqa: E402
-from analysis.capture import capture_excitations, find_gates, model_paper_names, select_blocks  # noqa: E402
+from analysis.capture import capture_excitations, find_gates, model_paper_names  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
+from analysis.excitation_stats import resolve_classes, select_blocks  # noqa: E402
 from analysis.plots import plot_fig6, plot_fig7, plot_specificity, save_figure  # noqa: E402
 from analysis.stats import metrics_frame  # noqa: E402
 
@@ -82,22 +83,6 @@ def _writable_out(out: Path) -> Path:
 
 def _split(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
-
-
-def _class_indices(tokens: list[str] | None, names: list[str]) -> list[int]:
-    """Class tokens (names first, else indices) -> indices; all classes when ``tokens`` is None."""
-    if tokens is None:
-        return list(range(len(names)))
-    out = []
-    for token in tokens:
-        if token in names:
-            out.append(names.index(token))
-        elif token.isdigit() and int(token) < len(names):
-            out.append(int(token))
-        else:
-            shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
-            raise AnalysisError(f"unknown class {token!r}: use names or indices 0-{len(names) - 1} of {shown}")
-    return out
 
 
 def _subset(dataset: Any, classes: list[int], per_class: int | None) -> Subset:
@@ -161,8 +146,11 @@ def run(args: argparse.Namespace) -> Result:
     blocks = select_blocks(gates, paper, None if args.blocks == "all" else _split(args.blocks))
     ablated = ablation_blocks(model, args.ablate) if args.ablate else []
     data = args.data or cfg["data"]
-    dataset = build_dataset(data, args.split, input_size=cfg["input_size"], resize=cfg["resize"], mean=cfg["mean"])
-    classes = _class_indices(_split(args.classes), [str(c) for c in dataset.classes])
+    # every split through the evaluation transforms: the study measures the network, not the augmentation
+    dataset = build_dataset(data, args.split, input_size=cfg["input_size"], resize=cfg["resize"], mean=cfg["mean"],
+                            train=False)
+    names = [str(c) for c in dataset.classes]
+    classes = resolve_classes(_split(args.classes), names) or list(range(len(names)))
     model.to(args.device)
     loader_kwargs = {"batch_size": args.batch_size, "num_workers": args.workers, "pin_memory": args.device != "cpu"}
     loader = DataLoader(_subset(dataset, classes, args.per_class), **loader_kwargs)

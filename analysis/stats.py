@@ -66,11 +66,16 @@ def _anova(n: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> dict[str, float]:
         "omega2": (ss_between.sum() - df_b * ms_within) / (sst + ms_within) if sst > 0 else math.nan,
         "eta2_channel_median": _nan_stat(np.nanmedian, eta2_c),
         "anova_F_median": _nan_stat(np.nanmedian, f),
-        "anova_p": min(1.0, channels * _nan_stat(np.nanmin, p)),
+        "anova_p": _bonferroni(_nan_stat(np.nanmin, p), channels),
         "share_channels_significant": float(np.mean(p < 0.05 / channels)),
         "df_between": float(df_b),
         "df_within": float(df_w),
     }
+
+
+def _bonferroni(p_min: float, tests: int) -> float:
+    """``min(1, tests * p_min)``, NaN when ``p_min`` is (``min(1.0, nan)`` would be 1.0)."""
+    return math.nan if math.isnan(p_min) else min(1.0, tests * p_min)
 
 
 def _nan_stat(fn, x: np.ndarray) -> float:

@@ -149,3 +149,28 @@ def test_bad_names_and_outputs_give_one_line_errors(ckpt, tmp_path, capsys) -> N
     # --out is checked first: with a missing checkpoint too, the error is about --out
     err = _one_line_error(capsys, ["--ckpt", str(tmp_path / "missing.pt"), "--out", str(blocker / "sub")])
     assert "cannot write to --out" in err
+
+
+def test_train_split_is_captured_with_the_evaluation_transforms(ckpt, tmp_path) -> None:
+    """--split train: the same numbers as a capture of the training images through the evaluation transform."""
+    from analysis import capture_excitations
+    from se_surgery.train.checkpoint import load_checkpoint
+    from se_surgery.train.data import build_dataset
+
+    payload = torch.load(ckpt, weights_only=True)  # zero-init residual BNs: after one step the gates barely vary
+    payload["model"] = {k: torch.ones_like(v) if k.endswith("bn2.weight") else v for k, v in payload["model"].items()}
+    ckpt = tmp_path / "varied.pt"
+    torch.save(payload, ckpt)
+    out = tmp_path / "train-split"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--ckpt", str(ckpt), "--split", "train", "--classes", "3", "--per-class", "3",
+                     "--blocks", "SE_5_2", "--out", str(out), "--no-progress"]) == 0
+    got = pd.read_csv(out / "excitations.csv")
+    got = got[got["class"].astype(str) == "3"]["mean"].to_numpy()
+    model, info = load_checkpoint(ckpt)
+    cfg = info["model_config"]
+    train = build_dataset(cfg["data"], "train", input_size=cfg["input_size"], resize=cfg["resize"], mean=cfg["mean"],
+                          train=False)
+    first = [i for i, t in enumerate(train.targets) if t == 3][:3]
+    stats = capture_excitations(model, DataLoader(Subset(train, first), batch_size=8), blocks=["SE_5_2"])
+    assert got == pytest.approx(stats.mean("SE_5_2", 3), abs=1e-6)

@@ -86,3 +86,4 @@ def test_one_class_gives_nan_class_metrics_not_an_error(sample) -> None:
     row = frame.iloc[0]
     assert row["classes"] == 1 and row["eta2"] == 0.0
     assert math.isnan(row["anova_F_median"]) and math.isnan(row["js_mean"]) and 0 <= row["saturated_share"] <= 1
+    assert math.isnan(row["anova_p"])  # as documented: no test with one class (min(1.0, nan) would say 1.0)
