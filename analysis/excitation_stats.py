@@ -77,11 +77,14 @@ class ExcitationStats:
         moments: SE module name -> its per-class moments, in forward order.
         class_names: Name of each class index (the dataset's ``classes``, else the index as text).
         paper_names: SE module name -> paper name (``SE_<stage>_<block>``) where the model has one.
+        unbounded: Blocks whose gate is not a sigmoid in [0, 1] (``add_se(excitation="tanh" | "relu")``): their
+            saturation metrics are undefined, and their histograms clip to [0, 1].
     """
 
     moments: dict[str, ClassMoments]
     class_names: list[str]
     paper_names: dict[str, str] = field(default_factory=dict)
+    unbounded: set[str] = field(default_factory=set)
 
     @property
     def blocks(self) -> list[str]:
@@ -119,7 +122,8 @@ class ExcitationStats:
         """
         return resolve_classes([cls], self.class_names)[0]
 
-    def _moments(self, block: str, cls: int | str | None) -> tuple[float, np.ndarray, np.ndarray]:
+    def moments_of(self, block: str, cls: int | str | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+        """Count, mean ``(C,)`` and M2 ``(C,)`` (sum of squared deviations) of class ``cls`` (``None``: all pooled)."""
         m = self.moments[self.block(block)]
         if cls is None or cls == ALL:
             n, mean, m2 = m.pooled()
@@ -130,15 +134,15 @@ class ExcitationStats:
 
     def count(self, block: str, cls: int | str | None = None) -> int:
         """Images captured at ``block`` for class ``cls`` (``None``: all classes)."""
-        return int(self._moments(block, cls)[0])
+        return int(self.moments_of(block, cls)[0])
 
     def mean(self, block: str, cls: int | str | None = None) -> np.ndarray:
         """Mean excitation per channel, shape ``(C,)``, for class ``cls`` (``None``: all classes pooled)."""
-        return self._moments(block, cls)[1]
+        return self.moments_of(block, cls)[1]
 
     def std(self, block: str, cls: int | str | None = None) -> np.ndarray:
         """Sample standard deviation (``ddof=1``) per channel; NaN with fewer than two images."""
-        n, _, m2 = self._moments(block, cls)
+        n, _, m2 = self.moments_of(block, cls)
         return np.sqrt(m2 / (n - 1)) if n > 1 else np.full_like(m2, np.nan)
 
     def histogram(self, block: str, cls: int | str | None = None) -> tuple[np.ndarray, np.ndarray]:

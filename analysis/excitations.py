@@ -32,18 +32,20 @@ from analysis.capture import capture_excitations, find_gates, model_paper_names 
 from analysis.errors import AnalysisError  # noqa: E402
 from analysis.excitation_stats import resolve_classes, select_blocks  # noqa: E402
 from analysis.plots import plot_fig6, plot_fig7, plot_specificity, save_figure  # noqa: E402
-from analysis.stats import metrics_frame  # noqa: E402
+from analysis.stats import AGNOSTIC, CLASS_SPECIFIC, FAINT_GAP, SLIGHT, VISIBLE_GAP, metrics_frame  # noqa: E402
 
 TABLE_COLUMNS = {
     "paper_name": "block",
     "channels": "C",
     "eta2": "eta2",
-    "anova_F_median": "F(med)",
+    "gap": "gap(s)",
+    "gap_ratio": "gap/sd",
     "anova_p": "p(Bonf)",
     "js_mean": "JS",
     "agreement_mean": "r(all)",
     "saturated_share": "sat>0.9",
     "one_minus_s": "1-s",
+    "verdict": "verdict",
 }
 
 
@@ -106,6 +108,15 @@ def _json_safe(value: Any) -> Any:
 def _table(frame: pd.DataFrame, columns: dict[str, str]) -> str:
     shown = frame[list(columns)].rename(columns=columns)
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 1e-3 and v else f"{v:.3f}")
+
+
+def _verdicts(metrics: pd.DataFrame) -> str:
+    """One line: which blocks are class-specific by the absolute gap (units of s), not by eta2 alone."""
+    groups = {v: metrics.loc[metrics["verdict"] == v, "paper_name"].tolist() for v in (CLASS_SPECIFIC, SLIGHT, AGNOSTIC)}
+    parts = [f"{v}: {', '.join(b) if b else 'none'}" for v, b in groups.items()]
+    notes = sorted(set(metrics["note"]) - {""})
+    return (f"verdict by the mean class-to-all gap (class-specific >= {VISIBLE_GAP} of s, slight >= {FAINT_GAP}, "
+            f"with ANOVA p < 0.05): " + "; ".join(parts) + "".join(f"\nnote: {n}" for n in notes))
 
 
 def _check_numbers_and_device(args: argparse.Namespace) -> None:
@@ -201,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{facts['arch']} on {facts['data']} ({facts['split']}): {len(facts['classes'])} classes, "
           f"{sum(facts['images_per_class'].values())} images, {facts['blocks']} SE blocks, {facts['seconds']} s")
     print(_table(metrics, TABLE_COLUMNS))
+    print(_verdicts(metrics))
     if ablation is not None:
         print(_table(ablation, {c: c for c in ("variant", "blocks", "top1", "top5", "params", "se_overhead_pct")}))
     print(f"wrote {out}/: excitations.csv summary.json fig6 fig7 specificity (.png .pdf)"

@@ -146,7 +146,8 @@ def plot_fig7(
 
 
 def plot_specificity(metrics: pd.DataFrame) -> plt.Figure:
-    """Class-specificity (eta squared, Jensen-Shannon distance) and saturation against depth, every block.
+    """Class-specificity (eta squared, Jensen-Shannon distance, the class-to-all gap in units of s) and saturation
+    against depth, every block.
 
     Args:
         metrics: :func:`analysis.stats.metrics_frame` output.
@@ -155,6 +156,7 @@ def plot_specificity(metrics: pd.DataFrame) -> plt.Figure:
     specificity = {
         "eta² (variance between classes)": metrics["eta2"],
         "Jensen-Shannon distance (mean over class pairs)": metrics["js_mean"],
+        "mean gap |class - all| curves (units of s)": metrics["gap"],
     }
     saturation = {
         "share of channels with mean s > 0.9": metrics["saturated_share"],
@@ -163,7 +165,7 @@ def plot_specificity(metrics: pd.DataFrame) -> plt.Figure:
     with _style():
         fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.4), sharex=True)
         for ax, series, title in zip(axes, (specificity, saturation), ("class-specificity", "saturation")):
-            for (label, values), marker in zip(series.items(), "os"):
+            for (label, values), marker in zip(series.items(), "os^"):
                 ax.plot(metrics["depth"], values, marker=marker, ms=4, lw=1.2, label=label)
             ax.set(title=title, xlabel="SE block (forward order)", ylim=(-0.02, 1.02))
             ax.set_xticks(metrics["depth"], metrics["paper_name"], rotation=60, ha="right")

@@ -48,6 +48,7 @@ def study(ckpt, tmp_path_factory) -> tuple[pathlib.Path, str]:
 def test_cli_writes_every_file_with_sensible_content(study) -> None:
     out, printed = study
     assert "SE_5_2" in printed and "removed" in printed and "wrote" in printed  # the closing table
+    assert "gap(s)" in printed and "verdict by the mean class-to-all gap" in printed
     csv = pd.read_csv(out / "excitations.csv")
     assert list(csv.columns) == ["block", "paper_name", "depth", "class", "channel", "n", "mean", "std"]
     assert csv["block"].nunique() == 8 and csv["paper_name"].iloc[-1] == "SE_5_2" and csv["depth"].max() == 8
@@ -64,6 +65,8 @@ def test_cli_writes_every_file_with_sensible_content(study) -> None:
     for block in summary["blocks"]:
         assert 0 <= block["eta2"] <= 1 and 0 <= block["saturated_share"] <= 1 and 0 <= block["js_mean"] <= 1
         assert block["anova_p"] is None or 0 <= block["anova_p"] <= 1
+        assert 0 <= block["gap"] <= block["gap_max"] <= 1 and block["verdict"] in printed
+        assert block["verdict"] != "class-specific" or block["gap"] >= 0.05  # never on indistinguishable curves
     assert [a["variant"] for a in summary["ablation"]] == ["intact", "removed", "fixed"]
 
     for stem in FIGURES:
