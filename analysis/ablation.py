@@ -13,7 +13,6 @@ Two ways to take a block's excitation out, next to the intact model:
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from analysis.capture import find_gates, model_paper_names
 from analysis.errors import AnalysisError
 from analysis.excitation_stats import ExcitationStats, select_blocks
+from analysis.protocol import paper_stages
 from se_surgery.modes import eval_mode
 from se_surgery.train.metrics import topk_correct
 
@@ -32,7 +32,6 @@ __all__ = ["ConstantGate", "ablate", "ablation_blocks", "evaluate", "fix_gates"]
 
 LAST_STAGE = "last-stage"
 ALL_BLOCKS = "all"
-_STAGE = re.compile(r"SE_(\d+)_\d+")
 
 
 class ConstantGate(nn.Module):
@@ -62,14 +61,13 @@ def ablation_blocks(model: nn.Module, spec: str) -> list[str]:
         return list(gates)
     if spec.strip() != LAST_STAGE:
         return select_blocks(gates, paper, [s.strip() for s in spec.split(",") if s.strip()])
-    stages = {b: int(m[1]) for b, p in paper.items() if (m := _STAGE.fullmatch(p))}
+    stages = paper_stages(list(gates), paper)
     if not stages:
         raise AnalysisError(
             f"'{LAST_STAGE}' needs SE_<stage>_<block> names, which this model has not: name the blocks instead, "
             f"e.g. --ablate {','.join(list(gates)[-2:])}"
         )
-    last = max(stages.values())
-    return [b for b in gates if stages.get(b) == last]
+    return stages[max(stages)]
 
 
 def fix_gates(model: nn.Module, means: dict[str, np.ndarray]) -> nn.Module:

@@ -63,7 +63,7 @@ def resolve_classes(
         elif isinstance(cls, (int, np.integer, str)) and str(cls).isdigit() and (names is None or int(cls) < len(names)):
             out.append(int(cls))
         else:
-            shown = list(aliases or names or [])
+            shown = list(names or aliases or [])
             valid = ", ".join(shown[:30]) + (f", ... ({len(shown)} in all)" if len(shown) > 30 else "")
             raise AnalysisError(f"unknown class {cls!r}: use any of {valid or 'the class indices'} (or their indices)")
     return out
@@ -186,6 +186,7 @@ class ExcitationStats:
             )
         for block, m in self.moments.items():
             m.merge(other.moments[block])
+        self.unbounded |= other.unbounded
         if len(other.class_names) > len(self.class_names):
             self.class_names = list(other.class_names)
         return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
-__all__ = ["SE_LEAF", "se_name", "owner_of", "paper_names_for", "resolve_blocks"]
+__all__ = ["SE_LEAF", "is_resnet_block", "se_name", "owner_of", "paper_names_for", "resolve_blocks"]
 
 _RESNET_BLOCK = re.compile(r"(?:^|\.)layer(\d+)\.(\d+)$")  # torchvision and timm ResNet / ResNeXt / Wide ResNet
 SE_LEAF = re.compile(r"se(?:_(\d+))?")  # the leaf name add_se registers an SE under
@@ -24,6 +24,11 @@ def owner_of(name: str) -> tuple[str, int]:
     if match is None:
         raise ValueError(f"{name!r} is not an SE module name (expected '<owner>.se' or '<owner>.se_<k>')")
     return owner, int(match.group(1) or 0)
+
+
+def is_resnet_block(owner: str) -> bool:
+    """Whether ``owner`` is a ResNet-style block name (``layer<k>.<i>``), which names exactly as the paper does."""
+    return _RESNET_BLOCK.search(owner) is not None
 
 
 def paper_names_for(owners: Iterable[str]) -> dict[str, str]:
