@@ -32,7 +32,7 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .data import build_dataset
 from .distributed import Env, all_sum, broadcast_buffers, check_replicas_in_sync, setup, teardown
 from .metrics import MetricsWriter, topk_correct
-from .models import build_model, make_model_config
+from .models import build_model, make_model_config, surgery_config
 from .recipe import Recipe
 from .sampling import ClassAwareSampler, ShuffleSampler
 from .seeding import SeededDataset, SeededDraws, seed_of
@@ -135,7 +135,7 @@ def _train(recipe: Recipe, out: Path, resume, tensorboard: bool, progress: bool,
     # Model: identical initial weights on every rank (DDP also broadcasts rank 0's).
     torch.manual_seed(recipe.seed)
     model_config = {**recipe.to_dict(), "num_classes": len(train_set.classes)}
-    model_config["surgery"] = {"reduction": recipe.reduction, "init": recipe.se_init} if recipe.se else None
+    model_config["surgery"] = surgery_config(recipe)
     model = build_model(model_config, pretrained=recipe.pretrained)
     model_config = make_model_config(model, recipe, list(train_set.classes))
     state = read_checkpoint(ckpt_path) if ckpt_path else None
