@@ -25,14 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
 
-matplotlib.use("Agg")  # a CLI writes files; never open a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from analysis.errors import AnalysisError  # noqa: E402
+from analysis.errors import AnalysisError
 
 __all__ = ["TABLES", "Variant", "main", "sweep"]
 
@@ -285,6 +281,8 @@ def base_recipe(trainer_args: Sequence[str]) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from se_surgery.errors import CheckpointError, DataError, SurgeryError, TrainError
+
+    plt.switch_backend("Agg")  # a CLI writes files; never open a window
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)

@@ -19,6 +19,7 @@ import torchvision  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from analysis.ablation import evaluate  # noqa: E402
+from .analysis_models import Payload, one_line_error  # noqa: E402
 from analysis.excitations import main  # noqa: E402
 
 PER_CLASS = 4
@@ -95,21 +96,7 @@ def test_ablating_every_block_gives_the_base_models_accuracy(ckpt, study) -> Non
 
 
 def _one_line_error(capsys, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
-class Payload:
-    """Unpickling this creates a marker file: the code a malicious checkpoint would run."""
-
-    def __init__(self, marker: pathlib.Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
+    return one_line_error(main, capsys, args)
 
 
 def test_pickle_payload_is_refused_and_never_runs(tmp_path, capsys) -> None:

@@ -22,6 +22,7 @@ from PIL import Image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 from analysis.capture import find_gates, model_paper_names  # noqa: E402
+from .analysis_models import Payload, one_line_error  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
 from analysis.excitation_stats import resolve_classes  # noqa: E402
 from analysis.excitations import main  # noqa: E402
@@ -142,22 +143,8 @@ def test_gates_and_names_of_every_se_kind() -> None:
     assert model_paper_names(cases["regnet_y_400mf"][0]) == {}  # no ResNet-like stages: module names
 
 
-class Payload:
-    """Unpickling this creates a marker file: the code a hostile weights file would run."""
-
-    def __init__(self, marker: pathlib.Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
-
-
 def _error(capsys, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
+    return one_line_error(main, capsys, args)
 
 
 def test_wrong_and_hostile_weight_files(folder, tmp_path, capsys) -> None:
