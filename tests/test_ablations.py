@@ -96,3 +96,14 @@ def test_every_table_has_the_papers_variants() -> None:
     assert [v.paper_top1_err for v in TABLES["integration"][1]] == [22.28, 22.23, 22.78, 22.20]
     assert {v.overrides.get("position") for v in TABLES["3x3"][1]} == {None, "3x3"}
     assert TABLES["nosqueeze"][1][1].overrides == {"squeeze": "none"} and TABLES["nosqueeze"][1][1].paper_gmacs == 4.27
+
+
+def test_standard_se_config_is_unchanged_and_variants_are_recorded() -> None:
+    """Runs trained before the variant fields resume: the standard SE's surgery config keeps its old keys."""
+    from se_surgery.train import get_recipe
+    from se_surgery.train.models import surgery_config
+
+    assert surgery_config(get_recipe()) == {"reduction": 16, "init": "he"}
+    assert surgery_config(get_recipe(where=["4"], squeeze="max", se_bias=False)) == {
+        "reduction": 16, "init": "he", "where": ["4"], "squeeze": "max", "bias": False}
+    assert surgery_config(get_recipe(se=False)) is None

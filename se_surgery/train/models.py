@@ -1,9 +1,9 @@
 """Build a (SE-)model from a plain-data ``model_config``: the same call makes it for training and rebuilds it later.
 
 A ``model_config`` is JSON-able and holds everything needed: ``arch`` (a ``torchvision.models.get_model`` name or
-``timm:<name>``), ``arch_kwargs``, ``surgery`` (``{"reduction", "init", "where", "position", "squeeze",
-"excitation", "bias", "owners"}``, ``owners`` being the exact owner names of the blocks that got an SE, or ``None``
-for the plain model), ``num_classes``, ``class_names``, and the data settings ``data``, ``input_size``, ``resize``
+``timm:<name>``), ``arch_kwargs``, ``surgery`` (``{"reduction", "init", "owners"}`` plus ``where`` and any of
+``position``, ``squeeze``, ``excitation``, ``bias`` that differ from the standard SE; ``owners`` being the exact owner
+names of the blocks that got an SE; ``None`` for the plain model), ``num_classes``, ``class_names``, and the data settings ``data``, ``input_size``, ``resize``
 and ``mean`` that the evaluation transform needs.
 """
 
@@ -96,8 +96,11 @@ def surgery_config(recipe: Any) -> dict[str, Any] | None:
     """The ``surgery`` part of a ``model_config`` from a recipe (``None`` for ``--no-se``), before the owners are known."""
     if not recipe.se:
         return None
-    return {"reduction": recipe.reduction, "init": recipe.se_init, "where": recipe.where, "position": recipe.position,
-            "squeeze": recipe.squeeze, "excitation": recipe.excitation, "bias": recipe.se_bias}
+    variant = {"position": recipe.position, "squeeze": recipe.squeeze, "excitation": recipe.excitation,
+               "bias": recipe.se_bias}
+    # the standard SE's config stays {"reduction", "init"} as before the variants, so older runs still resume
+    return {"reduction": recipe.reduction, "init": recipe.se_init, **({"where": recipe.where} if recipe.where else {}),
+            **{k: v for k, v in variant.items() if v != SURGERY_DEFAULTS[k]}}
 
 
 def make_model_config(model: nn.Module, recipe: Any, class_names: list[str]) -> dict[str, Any]:
