@@ -224,9 +224,11 @@ def plot_ablations(frame: pd.DataFrame) -> plt.Figure:
             x = range(len(group))
             err, params = axes[0, col], axes[1, col]
             err.bar([i - 0.2 for i in x], 100 - group["top1"], width=0.4, label="ours (top-1 err %)")
-            paper = err.twinx()
-            paper.bar([i + 0.2 for i in x], group["paper_top1_err"].astype(float), width=0.4, color="grey",
-                      label="paper (top-1 err %)")
+            if group["paper_top1_err"].notna().any():  # the paper gives errors for Tables 11, 12, 14-16 only
+                paper = err.twinx()
+                paper.bar([i + 0.2 for i in x], group["paper_top1_err"].astype(float), width=0.4, color="grey",
+                          label="paper (top-1 err %)")
+                paper.set_ylabel("paper: top-1 err (%)" if col == len(tables) - 1 else "")
             err.set_title(TABLES[table][0], fontsize="small")
             for ax in (err, params):
                 ax.set_xticks(list(x), group["variant"], rotation=30, ha="right", fontsize="small")
@@ -235,9 +237,13 @@ def plot_ablations(frame: pd.DataFrame) -> plt.Figure:
                         label="paper")
             params.set_ylabel("params / smallest" if col == 0 else "")
             err.set_ylabel("ours: top-1 err (%)" if col == 0 else "")
-            paper.set_ylabel("paper: top-1 err (%)" if col == len(tables) - 1 else "")
-        handles = [h for ax in (axes[0, 0], paper, axes[1, 0]) for h in ax.get_legend_handles_labels()[0]]
-        labels = [lab for ax in (axes[0, 0], paper, axes[1, 0]) for lab in ax.get_legend_handles_labels()[1]]
+        legends = [ax.get_legend_handles_labels() for ax in fig.axes]
+        handles, labels = [], []
+        for hs, ls in legends:
+            for h, lab in zip(hs, ls):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
         fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False, bbox_to_anchor=(0.5, -0.04))
         fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
