@@ -1,7 +1,9 @@
 """``python -m se_surgery.summary resnet50``: an SE model's cost next to its base and the SENet paper's Table 2.
 
-The function :func:`se_surgery.summary` shares this module's name; importing this module must not hide it, so the
-module itself is callable and forwards to it.
+The options are :func:`se_surgery.add_se`'s (``--reduction``, ``--where``, ``--position``, ``--squeeze``,
+``--excitation``, ``--no-bias``); ``--paper-tables`` prints the cost columns of the paper's ablation Tables 10, 13,
+15 and 16 for ResNet-50, ours beside the paper's. The function :func:`se_surgery.summary` shares this module's name;
+importing this module must not hide it, so the module itself is callable and forwards to it.
 """
 
 from __future__ import annotations
@@ -9,36 +11,91 @@ from __future__ import annotations
 import argparse
 import sys
 import types
+from typing import Any
 
-from .surgery.cost import PAPER, Summary, summary
 from .errors import SurgeryError
+from .surgery.cost import PAPER, Summary, paper_tables, summary
+from .surgery.positions import POSITIONS
+from .surgery.se_module import EXCITATIONS, SQUEEZES
 
 __all__ = ["main", "summary", "Summary"]
 
+_TIMM = "timm:"
 
-def main(argv: list[str] | None = None) -> None:
+
+def _where(text: str) -> list[int | str]:
+    """``"2,3"`` -> ``[2, 3]`` (paper stages); other items stay names (``"layer3,SE_5_2"``)."""
+    return [int(item) if item.strip().isdigit() else item.strip() for item in text.split(",") if item.strip()]
+
+
+def _base(arch: str, parser: argparse.ArgumentParser):
+    if arch.startswith(_TIMM):
+        try:
+            import timm
+        except ImportError:
+            parser.error(f"{arch} needs timm (pip install timm)")
+        if arch[len(_TIMM):] not in timm.list_models():
+            parser.error(f"unknown timm model {arch[len(_TIMM):]!r}: pick a name from timm.list_models()")
+        return lambda: timm.create_model(arch[len(_TIMM):])
     from torchvision.models import get_model, list_models
 
-    from .surgery import add_se
+    if arch not in list_models():
+        parser.error(f"unknown arch {arch!r}; try one of: resnet50, resnext50_32x4d, mobilenet_v2, convnext_tiny, "
+                     "timm:resnet50")
+    return lambda: get_model(arch)
 
+
+def _print_paper_tables(rows: list[dict[str, Any]], size: int) -> None:
+    print(f"SENet ablation costs on ResNet-50, {size}x{size} input: ours (exact) beside the paper's (rounded)\n")
+    print(f"{'':30}{'params':>14}{'paper':>9}{'GMACs':>9}{'paper GFLOPs':>14}")
+    table = None
+    for row in rows:
+        if row["table"] != table:
+            table = row["table"]
+            print(table)
+        macs = f"{row['macs'] / 1e9:>9.2f}{row['paper GFLOPs']:>14.2f}" if row["macs"] is not None else ""
+        print(f"  {row['variant']:28}{row['params']:>14,}{row['paper params (M)']:>8.1f}M{macs}")
+    print(
+        "\nMultiply-adds count convolutions and linear layers; torchvision's ResNet-50 is v1.5 (4.09 GMACs), the\n"
+        "paper's the original (3.86), so compare the differences: NoSqueeze adds +0.41 G in both."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m se_surgery.summary",
-        description="Parameters and multiply-adds of a torchvision model and its SE version, next to the SENet paper.",
+        description="Parameters and multiply-adds of a model and its SE version, next to the SENet paper.",
     )
-    parser.add_argument("arch", nargs="?", default="resnet50", help="a torchvision.models.get_model name")
+    parser.add_argument("arch", nargs="?", default="resnet50", help="a torchvision.models.get_model name, or timm:NAME")
     parser.add_argument("--reduction", "-r", type=int, default=16, help="the reduction ratio r (default 16)")
+    parser.add_argument("--where", type=_where, default=None,
+                        help="blocks that get an SE: paper stages (2,3), owner prefixes (layer3) or paper names")
+    parser.add_argument("--position", choices=POSITIONS, default="standard", help="where the SE goes (Fig. 5)")
+    parser.add_argument("--squeeze", choices=tuple(SQUEEZES), default="avg", help="squeeze operator (Tables 11, 16)")
+    parser.add_argument("--excitation", choices=tuple(EXCITATIONS), default="sigmoid", help="gate (Table 12)")
+    parser.add_argument("--no-bias", dest="bias", action="store_false", help="FC layers without bias (ablations)")
     parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
+    parser.add_argument("--paper-tables", action="store_true",
+                        help="print Tables 10, 13, 15 and 16's costs, ours beside the paper's (resnet50 only)")
     args = parser.parse_args(argv)
-    if args.arch not in list_models():
-        parser.error(f"unknown arch {args.arch!r}; try one of: resnet50, resnext50_32x4d, mobilenet_v2, convnext_tiny")
+    make_base = _base(args.arch, parser)
+    size = (1, 3, args.input_size, args.input_size)
+    if args.paper_tables:
+        if args.arch != "resnet50":
+            parser.error("--paper-tables reproduces the paper's ResNet-50 ablations: use arch resnet50")
+        _print_paper_tables(paper_tables(make_base, size), args.input_size)
+        return
+    options = {"where": args.where, "position": args.position, "squeeze": args.squeeze,
+               "excitation": args.excitation, "bias": args.bias}
     try:
-        se_model = add_se(get_model(args.arch), args.reduction)
+        result = summary(make_base(), size, reduction=args.reduction, **options)
     except SurgeryError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")  # one line, no traceback
-    result = summary(se_model, (1, 3, args.input_size, args.input_size))
-    print(f"{args.arch} -> SE-{args.arch}, r={args.reduction}, {args.input_size}x{args.input_size} input\n")
+    changed = ", ".join(f"{k}={v}" for k, v in options.items() if parser.get_default(k) != v)
+    print(f"{args.arch} -> SE-{args.arch}, r={args.reduction}{', ' + changed if changed else ''}, "
+          f"{args.input_size}x{args.input_size} input\n")
     print(result)
-    if args.arch in PAPER and args.reduction == 16 and args.input_size == 224:
+    if args.arch in PAPER and args.reduction == 16 and args.input_size == 224 and not changed:
         (p0, p1), (g0, g1) = PAPER[args.arch]["params"], PAPER[args.arch]["gmacs"]
         print(
             f"\n{'':14}{'ours':>22}{'paper (SENet Table 2)':>26}\n"

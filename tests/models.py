@@ -117,3 +117,31 @@ class Hybrid(nn.Module):
 
     def forward(self, x):
         return self.untraceable(self.tokens(self.block(self.stem(x))))
+
+
+class MethodBlock(PlusBlock):
+    """A hand-written residual block with methods of its own, which must keep working after the surgery."""
+
+    def width(self) -> int:
+        return self.f[0][0].out_channels
+
+    def zero_last(self) -> None:
+        nn.init.zeros_(self.f[2][1].weight)
+
+
+def clip_if_large(x: torch.Tensor) -> torch.Tensor:
+    """Python control flow on a tensor value: fx can only keep it as an opaque call (autowrap_functions=)."""
+    return x.clamp(-1, 1) if x.abs().max() > 1e6 else x
+
+
+class WrappedHelperBlock(nn.Module):
+    """Two residual sums in one forward, the first through a helper fx cannot trace."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.f = nn.Sequential(conv_bn(c, c), nn.ReLU(), conv_bn(c, c))
+        self.g = nn.Sequential(conv_bn(c, c), nn.ReLU(), conv_bn(c, c))
+
+    def forward(self, x):
+        y = x + clip_if_large(self.f(x))
+        return y + self.g(y)

@@ -1,6 +1,7 @@
 """add_se / remove_se / se_blocks / paper_names on the torchvision and timm zoos and hand-written models."""
 
 import copy
+import inspect
 import io
 import logging
 
@@ -14,7 +15,7 @@ from torchvision.ops import SqueezeExcitation
 
 from se_surgery import SurgeryError, add_se, paper_names, remove_se, se_blocks
 
-from .models import DataDependent, Hybrid, TinyNet
+from .models import DataDependent, Hybrid, MethodBlock, TinyNet, WrappedHelperBlock, clip_if_large
 
 X = torch.randn(2, 3, 64, 64)
 
@@ -33,6 +34,9 @@ def check_surgery(base: nn.Module, expected: int) -> nn.Module:
     blocks = se_blocks(se)
     assert len(blocks) == expected > 0
     assert type(se) is type(base)  # class (and so methods) kept
+    classes = {name: type(m) for name, m in base.named_modules()}  # every block keeps its class too (a subclass)
+    kept = [isinstance(m, classes[n]) and type(m).__name__ == classes[n].__name__ for n, m in se.named_modules() if n in classes]
+    assert len(kept) == len(classes) and all(kept)
     old, new = base.state_dict(), se.state_dict()
     assert set(old) <= set(new)
     assert all(torch.equal(old[k], new[k]) for k in old)
@@ -63,6 +67,7 @@ def test_timm_resnet50():
     se = check_surgery(base, 16)
     # timm blocks hold `se = None`; ours takes that slot, under the same key names as timm's seresnet50
     assert "layer1.0.se.fc1.weight" in se.state_dict()
+    se.load_state_dict(timm.create_model("seresnet50").state_dict())  # timm's SE-ResNet-50 weights load, strictly
 
 
 def test_resnet50_matches_the_paper_cost():
@@ -114,14 +119,14 @@ def test_hand_written_model_every_spelling_and_top_level_sum():
     base = TinyNet().eval()
     se = add_se(base, reduction=4)
     assert set(se_blocks(se)) == {"block1.se", "block2.se", "nested.se", "nested.inner.0.se", "nested.inner.1.se", "se"}
-    assert isinstance(se, torch.fx.GraphModule)  # a sum in the top-level forward makes the root a GraphModule
+    assert isinstance(se, TinyNet) and type(se).__name__ == "TinyNet" and se.features_dim() == 32  # root kept too
     missing, unexpected = add_se(base, reduction=4).load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and all(".se." in k or k.startswith("se.") for k in missing)
     assert set(base.state_dict()) <= set(se.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(remove_se(se).eval()(X), base(X), rtol=0, atol=0)
     # the SE of `out = drop_path(conv2 * gamma); out += x` sits before gamma
-    assert "se = self.se(conv2" in se.nested.inner[1].code.replace("_1", "")
+    assert "se = self.se(conv2" in inspect.getsource(type(se.nested.inner[1]).forward).replace("_1", "")
 
 
 def test_remove_se_gives_back_the_original_function_bit_for_bit():
@@ -347,3 +352,96 @@ def test_summary_cli_refuses_a_model_without_residuals_in_one_line():
 
     run = subprocess.run([sys.executable, "-m", "se_surgery.summary", "vgg11"], capture_output=True, text=True)
     assert run.returncode == 2 and "no residual sum in VGG" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_blocks_keep_their_class_methods_and_state_dict_order():
+    base = nn.Sequential(nn.Conv2d(3, 8, 1), MethodBlock(8)).eval()
+    se = add_se(base, reduction=2, position="post").eval()
+    block = se[1]
+    assert isinstance(block, MethodBlock) and type(block).__name__ == "MethodBlock" and type(block) is not MethodBlock
+    assert block.width() == 8
+    assert [k for k in se.state_dict() if ".se." not in k] == list(base.state_dict())  # same keys, same order
+    block.zero_last()  # a method of the original class, acting on the live submodules the new forward runs
+    assert torch.count_nonzero(block.f[2][1].weight) == 0 and torch.count_nonzero(base[1].f[2][1].weight) > 0
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():  # branch = BN bias = 0: the block computes se(relu(x)) (SE-POST)
+        torch.testing.assert_close(block(x), block.se(torch.relu(x)))
+
+
+def test_timm_zero_init_last_reaches_the_rewritten_blocks():
+    timm = pytest.importorskip("timm")
+    from timm.models.resnet import BasicBlock
+
+    se = add_se(timm.create_model("resnet18"))
+    assert all(isinstance(se.get_submodule(n.rpartition(".")[0]), BasicBlock) for n in se_blocks(se))
+    se.init_weights(zero_init_last=True)  # timm calls each block's zero_init_last()
+    assert all(torch.count_nonzero(m.bn2.weight) == 0 for m in se.modules() if isinstance(m, BasicBlock))
+
+
+def test_saved_model_loads_in_a_fresh_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    model = add_se(nn.Sequential(nn.Conv2d(3, 16, 1), MethodBlock(16), TinyNet().block2), reduction=2,
+                   position="identity", squeeze="none").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.save({"model": model, "x": x, "y": model(x)}, tmp_path / "m.pt")
+    code = (
+        "import torch, se_surgery; d = torch.load(r'%s', weights_only=False); m = d['model']; "
+        "assert torch.equal(m(d['x']), d['y']); "
+        "print([type(b).__name__ for b in m], list(se_surgery.se_blocks(m)), m[1].width())" % (tmp_path / "m.pt")
+    )
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['Conv2d', 'MethodBlock', 'TorchAddBlock'] ['1.se', '2.se'] 16"
+
+
+def test_variants_deepcopy_script_and_compile():
+    torch.manual_seed(0)
+    model = add_se(TinyNet(), reduction=4, position="pre", squeeze="max", excitation="tanh").eval()
+    assert isinstance(model, TinyNet) and model.features_dim() == 32  # the root owns a sum and keeps its class
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        for other in (copy.deepcopy(model), torch.jit.script(model)):
+            torch.testing.assert_close(other(x), ref, rtol=0, atol=0)
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), ref, rtol=1e-5, atol=1e-5)
+    assert type(copy.deepcopy(model).nested).__name__ == "Nested"
+
+
+def test_remove_se_gives_back_the_original_classes():
+    se = add_se(torchvision.models.resnet18())
+    some = remove_se(se, ["SE_2_1"])
+    assert type(some.layer1[0]) is resnet.BasicBlock and type(some.layer1[1]) is not resnet.BasicBlock
+    loaded = torch.load(_saved(se), weights_only=False)  # a model rebuilt from a pickle edits the same way
+    assert all(type(m) is resnet.BasicBlock for m in remove_se(loaded).modules() if isinstance(m, resnet.BasicBlock))
+
+
+def _saved(model: nn.Module) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_autowrapped_helpers_stay_opaque_through_add_and_remove():
+    base = nn.Sequential(nn.Conv2d(3, 8, 1), WrappedHelperBlock(8)).eval()
+    with pytest.raises(SurgeryError, match="autowrap_functions"):
+        add_se(base)
+    se = add_se(base, reduction=2, autowrap_functions=[clip_if_large], init="identity")
+    assert list(se_blocks(se)) == ["1.se", "1.se_1"]
+    loaded = torch.load(_saved(se), weights_only=False)
+    one = remove_se(loaded, ["1.se"])  # re-traces the generated forward: the helper must stay one opaque call
+    assert list(se_blocks(one)) == ["1.se_1"] and isinstance(one[1], WrappedHelperBlock)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        block, h = one[1].eval(), one[0](x)
+        y = h + clip_if_large(block.f(h))
+        torch.testing.assert_close(block(h), y + block.se_1(block.g(y)), rtol=0, atol=0)
+        assert torch.equal(remove_se(one)(x), base(x))

@@ -46,6 +46,8 @@ class Residual:
     insert_after: fx.Node
     consumer: fx.Node  # the one user of ``insert_after`` on the branch path: it will read the SE output instead
     channels: int
+    root: fx.Node | None = None  # the operands' latest common ancestor: the block's input as both sides see it
+    path: frozenset[fx.Node] = frozenset()  # the branch's nodes after ``root``, up to ``branch``
 
 
 @dataclass(frozen=True)
@@ -200,4 +202,4 @@ def classify_sum(
         if _shape(inner) != shape or inner not in path:
             break
         insert, consumer = inner, insert
-    return Residual(add, branch, skip, insert, consumer, int(shape[1]))
+    return Residual(add, branch, skip, insert, consumer, int(shape[1]), root, frozenset(path))

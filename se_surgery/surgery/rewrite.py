@@ -1,7 +1,8 @@
-"""The fx pass: find every residual sum, put a torchvision ``SqueezeExcitation`` on its branch, or take it out again.
+"""The fx pass: find every residual sum, put an SE block where the chosen position says, or take it out again.
 
-Only the blocks whose own forward holds a sum are traced (children stay leaves) and swapped for GraphModules, so the
-outer model keeps its class, its methods and every state_dict key; the SE parameters are the only new keys.
+Only the blocks whose own forward holds a sum are traced (children stay leaves); each such block then runs the
+edited graph's code as a subclass of its own class (:mod:`.rewritten`), so every module keeps its class, its
+methods and every state_dict key; the SE parameters are the only new keys.
 """
 
 from __future__ import annotations
@@ -13,23 +14,22 @@ from typing import Callable, Iterable, Literal, Sequence, Union
 
 import torch
 from torch import fx, nn
-from torchvision.ops import SqueezeExcitation
 
 from ..errors import SurgeryError
 from .naming import SE_LEAF, paper_names_for, resolve_blocks, se_name
+from .positions import POSITIONS, Placement, Position, place
 from .probe import probe_sums
 from .residual import Residual, Skipped, classify_sum, find_sums
-from .tracing import build_graph_module, propagate_shapes, trace_module
+from .rewritten import calls, restore, rewrite
+from .se_module import EXCITATIONS, SQUEEZES, Excitation, SELayer, Squeeze, check_shape_kept
+from .tracing import propagate_shapes, trace_module
 
 __all__ = ["add_se", "remove_se", "se_blocks", "paper_names"]
 
 logger = logging.getLogger(__name__)
 
 Where = Union[None, Callable[[str], bool], Iterable[Union[int, str]]]
-# sigmoid(10) = 0.99995: the gates start at 1 to within 5e-5, so a pretrained network's outputs barely move. The
-# price: sigmoid' is 4.5e-5 there and fc2 starts at zero, so the gates leave 1 slowly; a smaller bias (6-7) would
-# learn faster but changes a deep network's outputs by more than 1e-3 at the start.
-_IDENTITY_BIAS = 10.0
+SELayerFactory = Callable[[int], nn.Module]
 
 
 def _example_for(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
@@ -77,7 +77,11 @@ def _where_filter(where: Where, paper: dict[str, str]) -> Callable[[str], bool]:
     return lambda owner: any(matches(item, owner) for item in items)
 
 
-def _make_se(channels: int, reduction: int, init: str, like: torch.Tensor | None, where: str) -> SqueezeExcitation:
+def _make_se(
+    channels: int, reduction: int, init: str, like: torch.Tensor | None, where: str, options: dict
+) -> nn.Module:
+    if options["se_layer"] is not None:
+        return _user_se(options["se_layer"], channels, like, where)
     hidden = channels // reduction
     if hidden < 1:
         raise SurgeryError(
@@ -85,16 +89,52 @@ def _make_se(channels: int, reduction: int, init: str, like: torch.Tensor | None
             f"the excitation's hidden layer C // r would be empty. Use reduction <= {channels}, or leave that block "
             f"out with where=lambda owner: owner != {where!r}."
         )
-    se = SqueezeExcitation(channels, hidden)  # z = avgpool(u); s = sigmoid(fc2(relu(fc1(z)))); out = s * u
-    for fc in (se.fc1, se.fc2):
-        nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")  # He et al. 2015, as the paper trains from scratch
-        nn.init.zeros_(fc.bias)
-    if init == "identity":
-        nn.init.zeros_(se.fc2.weight)
-        nn.init.constant_(se.fc2.bias, _IDENTITY_BIAS)
+    se = SELayer(channels, hidden, squeeze=options["squeeze"], excitation=options["excitation"], bias=options["bias"])
+    se.reset_parameters(identity=init == "identity")
     if like is not None:
         se.to(device=like.device, dtype=like.dtype)
     return se
+
+
+def _user_se(factory: SELayerFactory, channels: int, like: torch.Tensor | None, where: str) -> nn.Module:
+    block = where or "the top-level sum"
+    try:
+        se = factory(channels)
+    except Exception as err:
+        raise SurgeryError(f"se_layer({channels}) failed for {block}: {err}") from err
+    if not isinstance(se, nn.Module):
+        raise SurgeryError(f"se_layer({channels}) must return an nn.Module, got {type(se).__name__} (for {block})")
+    if like is not None:
+        se.to(device=like.device, dtype=like.dtype)
+    why = check_shape_kept(se, channels, like)
+    if why is not None:
+        raise SurgeryError(
+            f"se_layer({channels}) = {type(se).__name__} cannot go into {block}: {why}. An se_layer must map "
+            f"N x C x H x W to the same shape (a gated copy of its input), like timm's EcaModule or SEModule."
+        )
+    return se
+
+
+def _check_options(reduction: int, init: str, options: dict) -> None:
+    if not isinstance(reduction, int) or isinstance(reduction, bool) or reduction < 1:
+        raise SurgeryError(f"reduction must be an integer >= 1 (the paper's r, default 16); got {reduction!r}")
+    if init not in ("he", "identity"):
+        raise SurgeryError(f"init must be 'he' or 'identity'; got {init!r}")
+    for key, allowed in (("position", POSITIONS), ("squeeze", tuple(SQUEEZES)), ("excitation", tuple(EXCITATIONS))):
+        if options[key] not in allowed:
+            raise SurgeryError(f"{key} must be one of {', '.join(map(repr, allowed))}; got {options[key]!r}")
+    if not isinstance(options["bias"], bool):
+        raise SurgeryError(f"bias must be True or False; got {options['bias']!r}")
+    if init == "identity" and not options["bias"] and options["se_layer"] is None:
+        raise SurgeryError(
+            "init='identity' opens the gates through fc2's bias, so it needs bias=True (without biases every gate "
+            "would start at sigma(0): half the branch for sigmoid, none of it for tanh and relu)"
+        )
+    if options["se_layer"] is not None and not callable(options["se_layer"]):
+        raise SurgeryError(
+            f"se_layer must be a callable channels -> nn.Module (a class such as timm.layers.EcaModule, or a "
+            f"lambda); got {options['se_layer']!r}"
+        )
 
 
 def _grouped(skipped: list[tuple[str, Skipped]]) -> str:
@@ -113,50 +153,66 @@ def add_se(
     reduction: int = 16,
     *,
     where: Where = None,
+    position: Position = "standard",
+    squeeze: Squeeze = "avg",
+    excitation: Excitation = "sigmoid",
+    bias: bool = True,
+    se_layer: SELayerFactory | None = None,
     init: Literal["he", "identity"] = "he",
     leaf_modules: Sequence[str | type] = (),
     autowrap_functions: Sequence[Callable] = (),
     example_input: torch.Tensor | None = None,
     inplace: bool = False,
 ) -> nn.Module:
-    """Put an SE block on the branch of every residual sum of ``model`` (SENet's "standard SE" position).
+    """Put an SE block at every residual sum of ``model``; by default SENet's "standard SE" on the branch.
 
-    Each residual sum ``x + F(x)`` becomes ``x + SE(F(x))``, the SE being ``torchvision.ops.SqueezeExcitation(C, C // r)``
-    placed after the branch's last norm and before any drop-path / layer-scale factor. It is registered at
-    ``<owner>.se`` (``se_1``, ``se_2``... for further sums in the same module), ``<owner>`` being the module whose
-    forward holds the sum. Sums that are not residual (ties, 3-D tokens, branches already gated) are skipped with a
-    logged warning.
+    Each residual sum ``x + F(x)`` becomes ``x + SE(F(x))`` (for the default ``position``), the SE being
+    :class:`~.se_module.SELayer` (torchvision's ``SqueezeExcitation(C, C // r)``) placed after the branch's last norm
+    and before any drop-path / layer-scale factor. It is registered at ``<owner>.se`` (``se_1``, ``se_2``... for
+    further sums in the same module), ``<owner>`` being the module whose forward holds the sum, which keeps its
+    class. Sums that are not residual (ties, 3-D tokens, branches already gated) are skipped with a logged warning.
 
     Args:
         model: any CNN (torchvision, timm, your own); left untouched unless ``inplace``.
-        reduction: the reduction ratio r; the excitation's hidden width is C // r.
+        reduction: the reduction ratio r; the excitation's hidden width is C // r (Table 10).
         where: which blocks get an SE: a predicate on owner names, or a list of paper stages (``[4]`` for
-            conv4_x only), owner-name prefixes (``"layer3"``) or paper names (``"SE_5_2"``). None: all of them.
+            conv4_x only, Table 13), owner-name prefixes (``"layer3"``) or paper names (``"SE_5_2"``). None: all.
+        position: the integration strategy (Fig. 5, Tables 14-15): ``"standard"`` (branch, before the sum),
+            ``"pre"`` (SE-PRE: start of the branch, on the unit's input), ``"post"`` (SE-POST: after the sum and its
+            non-linearity), ``"identity"`` (SE-Identity: on the skip), ``"3x3"`` (SE 3x3: after the branch's
+            spatial convolution and its norm and activation; blocks without one are skipped and reported).
+        squeeze: z = global ``"avg"`` pooling (default), ``"max"`` pooling (Table 11) or ``"none"`` (NoSqueeze,
+            Table 16: the FC layers run as 1x1 convolutions at full resolution; the gate s is N x C x H x W).
+        excitation: the gate sigma: ``"sigmoid"`` (default), ``"tanh"`` or ``"relu"`` (Table 12).
+        bias: FC layers with biases (default, the released models and timm) or without (the paper's ablations).
+        se_layer: instead of the SE above, any callable ``channels -> nn.Module`` mapping N x C x H x W to the same
+            shape (timm's ``EcaModule``, ``CbamModule``, a gate of your own), put at ``position`` under the same
+            names; ``reduction``, ``squeeze``, ``excitation``, ``bias`` and ``init`` then do not apply.
         init: ``"he"`` (the paper's He initialisation) or ``"identity"`` (gates start at 1, so a pretrained
             network's outputs are unchanged when fine-tuning starts).
         leaf_modules: module names or types whose own forward is not traced (the way out when fx cannot trace
             one); their children are still searched.
         autowrap_functions: functions fx should record as calls rather than trace through.
         example_input: an input the model accepts, for shape propagation; default ``randn(2, 3, 64, 64)``.
-        inplace: modify ``model`` itself (a top-level sum still makes a new root: use the return value).
+        inplace: modify ``model`` itself.
 
     Returns:
-        The SE model: same class, methods and state_dict keys, plus the SE parameters (unless the top-level forward
-        holds a sum, which makes the root a ``GraphModule``).
+        The SE model: every module keeps its class (a rewritten block's class is a subclass of its original with
+        the same name), methods and state_dict keys; the SE parameters are the only new keys.
 
     Raises:
-        SurgeryError: bad ``reduction``/``init``, a block fx cannot trace, no residual sum at all, or a ``where``
-            that selects nothing. ``model`` is then unchanged.
+        SurgeryError: a bad option value, a block fx cannot trace, no residual sum at all, a ``where`` that selects
+            nothing, a ``position`` that fits no selected block, or an ``se_layer`` that changes the shape.
+            ``model`` is then unchanged.
 
     Examples:
         >>> se_resnet50 = add_se(torchvision.models.resnet50())
         >>> se_blocks(se_resnet50)["layer4.1.se"].fc1.out_channels
         128
+        >>> se3x3 = add_se(torchvision.models.resnet50(), position="3x3", bias=False)  # Table 15's SE 3x3
     """
-    if not isinstance(reduction, int) or isinstance(reduction, bool) or reduction < 1:
-        raise SurgeryError(f"reduction must be an integer >= 1 (the paper's r, default 16); got {reduction!r}")
-    if init not in ("he", "identity"):
-        raise SurgeryError(f"init must be 'he' or 'identity'; got {init!r}")
+    options = {"position": position, "squeeze": squeeze, "excitation": excitation, "bias": bias, "se_layer": se_layer}
+    _check_options(reduction, init, options)
     leaves = _leaf_names(model, leaf_modules)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
@@ -204,39 +260,73 @@ def add_se(
             + ", ".join(f"{o or '<top>'} ({p})" for o, p in paper.items())
         )
 
-    blocks: dict[str, list[tuple[Residual, str, SqueezeExcitation]]] = {}
-    for owner, (graph, found) in plans.items():
+    placed = _placements(plans, position, modules)
+    described = {**options, "se_layer": None}
+    if se_layer is not None:
+        described.update(squeeze=None, excitation=None, bias=None, se_layer=getattr(se_layer, "__name__", repr(se_layer)))
+    blocks: dict[str, list[tuple[Placement, str, nn.Module]]] = {}
+    for owner, placements in placed.items():
         like = next(modules[owner].parameters(), None)
-        names = _free_se_names(modules[owner], owner, len(found))
+        names = _free_se_names(modules[owner], owner, len(placements))
         blocks[owner] = []
-        for k, (r, name) in enumerate(zip(found, names)):
-            se = _make_se(r.channels, reduction, init, like, owner)
+        for k, (p, name) in enumerate(zip(placements, names)):
+            se = _make_se(p.channels, reduction, init, like, owner, options)
             se._se_surgery = {  # marks the blocks add_se made (remove_se never touches others), survives copies
                 "paper_name": paper[owner] + (f"_{k + 1}" if k else ""),
                 "order": (probe.owners.index(owner), k),  # forward order of the sums
                 "replaced_none": getattr(modules[owner], name.rpartition(".")[2], 0) is None,
+                **described,
             }
-            blocks[owner].append((r, name, se))
+            blocks[owner].append((p, name, se))
 
-    for owner in sorted(plans, key=lambda o: -o.count(".") - (o != "")):  # innermost first, root last
-        gm = build_graph_module(modules[owner], plans[owner][0])
-        for residual, name, se in blocks[owner]:
-            _make_out_of_place(gm.graph, residual.add)
+    for owner, inserts in blocks.items():  # nothing above touched the model; from here on nothing can fail
+        block, graph = modules[owner], plans[owner][0]
+        graph.owning_module = block  # lint checks the SE targets against the block itself
+        for p, name, se in inserts:
             leaf = name.rpartition(".")[2]
-            gm.__dict__.pop(leaf, None)  # timm blocks hold `self.se = None` when built without attention
-            gm.add_submodule(leaf, se)
-            with gm.graph.inserting_after(residual.insert_after):
-                node = gm.graph.call_module(leaf, (residual.insert_after,))
-            residual.insert_after.replace_all_uses_with(node, delete_user_cb=lambda user, c=residual.consumer: user is c)
-        gm.graph.lint()
-        gm.recompile()
-        if owner == "":
-            target = gm
-        else:
-            parent, _, child = owner.rpartition(".")
-            setattr(target.get_submodule(parent), child, gm)
+            block.__dict__.pop(leaf, None)  # timm blocks hold `self.se = None` when built without attention
+            block.add_module(leaf, se)
+            # after a placeholder (SE-PRE on the block's input) the SE goes just before its first reader
+            spot = graph.inserting_before(p.readers[0]) if p.after.op == "placeholder" else graph.inserting_after(p.after)
+            with spot:
+                node = graph.create_node("call_module", leaf, (p.after,))
+            p.after.replace_all_uses_with(node, delete_user_cb=lambda user, readers=p.readers: user in readers)
+        graph.lint()
+        rewrite(block, graph)
     logger.info("add_se: %d SE block(s) with r=%d in %s", sum(map(len, blocks.values())), reduction, type(model).__name__)
     return target
+
+
+def _placements(
+    plans: dict[str, tuple[fx.Graph, list[Residual]]], position: Position, modules: dict[str, nn.Module]
+) -> dict[str, list[Placement]]:
+    """Each selected block's SE places for ``position``; raises if no block has one."""
+    placed: dict[str, list[Placement]] = {}
+    skipped: list[tuple[str, Skipped]] = []
+    for owner, (graph, found) in plans.items():
+        if _se_leaves(modules[owner]):  # SE-POST / PRE / Identity sit off the branch, where the gate rule cannot see them
+            skipped.extend((owner, Skipped(r.add, "its block already holds an SE from add_se")) for r in found)
+            continue
+        for r in found:
+            _make_out_of_place(graph, r.add)
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        submodules = dict(modules[owner].named_modules())
+        for r in found:
+            verdict = place(r, position, submodules, order)
+            if isinstance(verdict, Skipped):
+                skipped.append((owner, verdict))
+            else:
+                placed.setdefault(owner, []).append(verdict)
+    if skipped:
+        logger.warning("add_se(position=%r) skipped %s", position, _grouped(skipped))
+    if not placed and all("already holds" in skip.reason for _, skip in skipped):
+        raise SurgeryError(f"no residual sum can take an SE: {_grouped(skipped)}")
+    if not placed:
+        raise SurgeryError(
+            f"position={position!r} fits none of the selected residual blocks: {_grouped(skipped)}. Pick another "
+            f"position ({', '.join(map(repr, POSITIONS))}) or other blocks with where=."
+        )
+    return placed
 
 
 def _make_out_of_place(graph: fx.Graph, add: fx.Node) -> None:
@@ -268,17 +358,18 @@ def _free_se_names(module: nn.Module, owner: str, count: int) -> list[str]:
     return names
 
 
-def se_blocks(model: nn.Module) -> dict[str, SqueezeExcitation]:
-    """The SE blocks that :func:`add_se` inserted, by module name, in forward order."""
+def se_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The SE blocks that :func:`add_se` inserted (``SELayer`` or ``se_layer=`` modules), by name, in forward order.
+
+    A block counts when it carries add_se's metadata, sits at ``<owner>.se`` / ``se_<k>``, and ``<owner>``'s
+    rewritten forward calls it.
+    """
     found = {}
     for name, module in model.named_modules():
         owner, _, leaf = name.rpartition(".")
-        if isinstance(module, SqueezeExcitation) and hasattr(module, "_se_surgery") and SE_LEAF.fullmatch(leaf):
-            parent = model.get_submodule(owner)
-            if isinstance(parent, fx.GraphModule) and any(
-                n.op == "call_module" and n.target == leaf for n in parent.graph.nodes
-            ):
-                found[name] = module
+        meta = module.__dict__.get("_se_surgery")
+        if name and isinstance(meta, dict) and SE_LEAF.fullmatch(leaf) and leaf in calls(model.get_submodule(owner)):
+            found[name] = module
     return dict(sorted(found.items(), key=lambda item: item[1]._se_surgery["order"]))
 
 
@@ -310,18 +401,30 @@ def remove_se(model: nn.Module, names: Iterable[str] | None = None, *, inplace: 
             f"{unknown} are not SE blocks of this model; it has: "
             + ", ".join(f"{n} ({paper[n]})" for n in blocks) if blocks else f"{unknown}: this model has no SE block"
         )
-    touched: dict[str, fx.GraphModule] = {}
+    by_owner: dict[str, list[str]] = {}
     for name in chosen:
         owner, _, leaf = name.rpartition(".")
-        gm = target.get_submodule(owner)
-        (node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == leaf]
-        node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
-        gm.delete_submodule(leaf)
-        if blocks[name]._se_surgery["replaced_none"]:
-            gm.__dict__[leaf] = None  # timm blocks built without attention hold `se = None`: give it back
-        touched[owner] = gm
-    for gm in touched.values():
-        gm.graph.lint()
-        gm.recompile()
+        by_owner.setdefault(owner, []).append(leaf)
+    for owner, leaves in by_owner.items():
+        block = target.get_submodule(owner)
+        graph = trace_module(block, owner)  # its generated forward, SE calls included, children as leaves
+        for leaf in leaves:
+            (node,) = [n for n in graph.nodes if n.op == "call_module" and n.target == leaf]
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            replaced_none = getattr(block, leaf)._se_surgery["replaced_none"]
+            delattr(block, leaf)
+            if replaced_none:
+                block.__dict__[leaf] = None  # timm blocks built without attention hold `se = None`: give it back
+        left = [n for n in graph.nodes if n.op == "call_module" and n.target in _se_leaves(block)]
+        if left:
+            graph.lint()
+            rewrite(block, graph)
+        else:
+            restore(block)  # no SE of ours left: the original forward, bit for bit
     return target
+
+
+def _se_leaves(block: nn.Module) -> set[str]:
+    """Names of ``block``'s direct children that add_se made."""
+    return {leaf for leaf, child in block.named_children() if isinstance(child.__dict__.get("_se_surgery"), dict)}

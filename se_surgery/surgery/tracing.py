@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import torch
@@ -14,7 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import SurgeryError
 from ..modes import eval_mode
 
-__all__ = ["trace_module", "propagate_shapes", "build_graph_module"]
+__all__ = ["trace_module", "propagate_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,37 +101,3 @@ def propagate_shapes(module: nn.Module, graph: fx.Graph, name: str, args: tuple,
             f"the traced forward of {_display(name)} ({type(module).__name__}) does not run on the inputs it received "
             f"({err}). Pass leaf_modules=[{name!r}] to leave it as it is."
         ) from err
-
-
-def _reordered(new: "OrderedDict[str, Any]", reference: "OrderedDict[str, Any]") -> "OrderedDict[str, Any]":
-    order = [k for k in reference if k in new] + [k for k in new if k not in reference]
-    return OrderedDict((k, new[k]) for k in order)
-
-
-def build_graph_module(owner: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """A GraphModule running ``graph`` that keeps *all* of ``owner``'s state under the same keys, in the same order.
-
-    ``fx.GraphModule`` copies only what the graph uses, and rebuilds an indexed container (``self.blocks[0]``) as a
-    bare module holding the used children; so the owner's own children, parameters and buffers are put back, every
-    one of them. Plain attributes (``stride``, flags), hooks and each child's train/eval flag are kept too.
-    """
-    gm = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
-    for store in ("_modules", "_parameters", "_buffers"):
-        ours, theirs = getattr(gm, store), getattr(owner, store)
-        ours.update(theirs)
-        setattr(gm, store, _reordered(ours, theirs))
-    gm._non_persistent_buffers_set = set(owner._non_persistent_buffers_set)
-    for key, value in vars(owner).items():
-        if key in _HOOK_STORES or (not key.startswith("_") and key != "training" and key not in vars(gm)):
-            if key in _HOOK_STORES or isinstance(value, (bool, int, float, str, tuple, type(None))):
-                gm.__dict__[key] = value
-    gm.training = owner.training  # not gm.train(): that would also reset every child's own flag (a frozen BN, say)
-    return gm
-
-
-# Hook registries of nn.Module (those this torch version has): the rewritten block keeps the user's hooks.
-_HOOK_STORES = {
-    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-}

@@ -1,0 +1,94 @@
+"""The SE block of the paper's design space: torchvision's ``SqueezeExcitation`` with the squeeze, excitation and bias
+variants of the SENet ablations (Tables 11, 12, 16) and its gate computable apart from the scaling."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import SqueezeExcitation
+
+__all__ = ["SELayer", "SQUEEZES", "EXCITATIONS"]
+
+Squeeze = Literal["avg", "max", "none"]
+Excitation = Literal["sigmoid", "tanh", "relu"]
+SQUEEZES: dict[str, type[nn.Module]] = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d, "none": nn.Identity}
+EXCITATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
+# sigmoid(10) = 0.99995 and tanh(10) = 1 - 4e-9: the gates start at 1 to within 5e-5, so a pretrained network's outputs
+# barely move. The price: sigmoid' is 4.5e-5 there and fc2 starts at zero, so the gates leave 1 slowly; a smaller bias
+# (6-7) would learn faster but changes a deep network's outputs by more than 1e-3 at the start. relu(1) = 1 exactly.
+_IDENTITY_BIAS = {"sigmoid": 10.0, "tanh": 10.0, "relu": 1.0}
+
+
+class SELayer(SqueezeExcitation):
+    """Squeeze (z = pool(u)), excitation (s = sigma(W2 delta(W1 z))) and scale (u * s), SENet Eq. 2-4.
+
+    Keeps torchvision's names (``avgpool`` for the squeeze, whatever its kind, ``fc1`` = W1, ``fc2`` = W2,
+    ``activation`` = delta, ``scale_activation`` = sigma) so timm's and torchvision's SE weights load, and the gate
+    s is the output of ``scale_activation``.
+
+    Args:
+        channels: C, the width of the tensor u it scales.
+        hidden: C // r, the excitation's hidden width.
+        squeeze: ``"avg"`` (global average pooling, the paper's choice), ``"max"`` (global max pooling, Table 11) or
+            ``"none"`` (NoSqueeze, Sec. 7.1 / Table 16: fc1 and fc2 run as 1x1 convolutions at full resolution, so
+            the gate s is N x C x H x W; same parameters).
+        excitation: sigma: ``"sigmoid"`` (the paper's), ``"tanh"`` or ``"relu"`` (Table 12).
+        bias: fc1 and fc2 with biases (the released Caffe models, timm) or without (the paper's ablation runs).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden: int,
+        *,
+        squeeze: Squeeze = "avg",
+        excitation: Excitation = "sigmoid",
+        bias: bool = True,
+    ) -> None:
+        super().__init__(channels, hidden, scale_activation=EXCITATIONS[excitation])
+        self.avgpool = SQUEEZES[squeeze](1) if squeeze != "none" else nn.Identity()
+        if not bias:
+            self.fc1 = nn.Conv2d(channels, hidden, 1, bias=False)
+            self.fc2 = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.excitation = excitation
+
+    def reset_parameters(self, identity: bool = False) -> None:
+        """He initialisation (the paper trains from scratch), or ``identity``: fc2 = 0 and a bias that opens every
+        gate (s = 1 to within 5e-5), so a pretrained network's outputs are kept (this needs fc2's bias)."""
+        for fc in (self.fc1, self.fc2):
+            nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
+        if identity:
+            nn.init.zeros_(self.fc2.weight)
+            if self.fc2.bias is not None:
+                nn.init.constant_(self.fc2.bias, _IDENTITY_BIAS[self.excitation])
+
+    def gate(self, u: Tensor) -> Tensor:
+        """The excitation s: N x C x 1 x 1 (N x C x H x W for NoSqueeze), the output of ``scale_activation``."""
+        return self._scale(u)
+
+    def forward(self, u: Tensor) -> Tensor:
+        """u scaled channel-wise by its gate: ``u * s``."""
+        return u * self.gate(u)
+
+
+def check_shape_kept(module: nn.Module, channels: int, like: torch.Tensor | None) -> str | None:
+    """Why ``module`` is no SE layer for ``channels`` channels (it must map N x C x H x W to itself), or None."""
+    param = next(module.parameters(), None)
+    ref = like if like is not None else param
+    x = torch.zeros(2, channels, 5, 7, device=getattr(ref, "device", None), dtype=getattr(ref, "dtype", None))
+    was = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            y = module(x)
+    except Exception as err:  # any failure is the user's layer refusing this input
+        return f"it fails on a 2 x {channels} x 5 x 7 input ({err})"
+    finally:
+        module.train(was)
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return f"it maps 2 x {channels} x 5 x 7 to {tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
+    return None

@@ -1,0 +1,248 @@
+"""The SENet design space as add_se options (positions, squeeze, excitation, bias, se_layer), against hand-written
+references with the same weights, and the exact costs of the paper's ablation tables."""
+
+import copy
+import logging
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models import resnet
+
+from se_surgery import SurgeryError, add_se, se_blocks, summary
+from se_surgery.surgery.cost import count_macs
+from se_surgery.surgery.se_module import SELayer
+
+from .models import conv_bn
+
+ACT = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
+
+
+def se_ref(se: SELayer, u: torch.Tensor, squeeze: str = "avg", excitation: str = "sigmoid") -> torch.Tensor:
+    """SENet Eq. 2-4 written out: z = squeeze(u); s = sigma(W2 relu(W1 z + b1) + b2); u * s (per position for none)."""
+    z = {"avg": lambda: u.mean((2, 3), keepdim=True), "max": lambda: u.amax((2, 3), keepdim=True), "none": lambda: u}[squeeze]()
+    w1, w2 = se.fc1.weight[:, :, 0, 0], se.fc2.weight[:, :, 0, 0]
+    b1 = se.fc1.bias if se.fc1.bias is not None else torch.zeros(w1.shape[0])
+    b2 = se.fc2.bias if se.fc2.bias is not None else torch.zeros(w2.shape[0])
+    h = torch.relu(torch.einsum("oc,nchw->nohw", w1, z) + b1[:, None, None])
+    s = ACT[excitation](torch.einsum("oc,nchw->nohw", w2, h) + b2[:, None, None])
+    return u * s
+
+
+def randomise_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine weights, so a misplaced SE cannot hide behind an identity BN."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def projection(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, 2, bias=False), nn.BatchNorm2d(cout))
+
+
+BLOCKS = {
+    "basic": lambda: resnet.BasicBlock(16, 16),
+    "basic-projection": lambda: resnet.BasicBlock(16, 32, 2, projection(16, 32)),
+    "bottleneck": lambda: resnet.Bottleneck(64, 16),
+    "bottleneck-projection": lambda: resnet.Bottleneck(16, 16, 2, projection(16, 64)),
+}
+
+
+def hand_written(block: nn.Module, se: SELayer, position: str, x: torch.Tensor) -> torch.Tensor:
+    """The block's forward written out, with the SE where SENet Fig. 5 / Table 15 puts it."""
+    pre = se_ref(se, x) if position == "pre" else x
+    out = block.relu(block.bn1(block.conv1(pre)))
+    if position == "3x3" and isinstance(block, resnet.BasicBlock):
+        out = se_ref(se, out)
+    if isinstance(block, resnet.Bottleneck):
+        out = block.relu(block.bn2(block.conv2(out)))
+        if position == "3x3":
+            out = se_ref(se, out)
+        out = block.bn3(block.conv3(out))
+    else:
+        out = block.bn2(block.conv2(out))
+    if position == "standard":
+        out = se_ref(se, out)
+    identity = block.downsample(x) if block.downsample is not None else x  # the skip takes the input unchanged
+    if position == "identity":
+        identity = se_ref(se, identity)
+    out = block.relu(out + identity)
+    return se_ref(se, out) if position == "post" else out
+
+
+@pytest.mark.parametrize("position", ["standard", "pre", "post", "identity", "3x3"])
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_position_matches_a_hand_written_block(kind, position):
+    torch.manual_seed(0)
+    cin = BLOCKS[kind]().conv1.in_channels
+    base = randomise_norms(nn.Sequential(nn.Conv2d(3, cin, 3, padding=1), BLOCKS[kind]()))
+    model = add_se(base, reduction=4, position=position).eval()
+    ((name, se),) = se_blocks(model).items()
+    assert name == "1.se" and se._se_surgery["position"] == position
+    block = model[1]
+    assert type(block).__name__ == type(base[1]).__name__ and isinstance(block, type(base[1]))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        h = model[0](x)
+        torch.testing.assert_close(block(h), hand_written(block, se, position, h), rtol=1e-5, atol=1e-5)
+    widths = {"pre": cin, "3x3": block.conv1.out_channels}
+    assert se.fc1.in_channels == widths.get(position, block.bn2.num_features if kind.startswith("basic") else block.bn3.num_features)
+
+
+@pytest.mark.parametrize("squeeze", ["avg", "max", "none"])
+@pytest.mark.parametrize("excitation", ["sigmoid", "tanh", "relu"])
+def test_squeeze_and_excitation_follow_their_formula(squeeze, excitation):
+    torch.manual_seed(0)
+    model = add_se(nn.Sequential(nn.Conv2d(3, 16, 1), resnet.BasicBlock(16, 16)), reduction=4, squeeze=squeeze,
+                   excitation=excitation, bias=excitation != "tanh").eval()
+    se = se_blocks(model)["1.se"]
+    assert se._se_surgery | {"order": None} == {
+        "paper_name": "SE_2_1", "order": None, "replaced_none": False, "position": "standard",
+        "squeeze": squeeze, "excitation": excitation, "bias": excitation != "tanh", "se_layer": None}
+    assert (se.fc1.bias is None) == (excitation == "tanh")
+    u = torch.randn(2, 16, 5, 7)
+    gates = []
+    se.scale_activation.register_forward_hook(lambda m, i, o: gates.append(o))  # the gate s the analysis reads
+    with torch.no_grad():
+        torch.testing.assert_close(se(u), se_ref(se, u, squeeze, excitation), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(se(u), u * se.gate(u))
+    assert gates[0].shape == ((2, 16, 5, 7) if squeeze == "none" else (2, 16, 1, 1))
+
+
+def test_identity_init_opens_every_gate():
+    u = torch.randn(2, 32, 4, 4)
+    for excitation in ("sigmoid", "tanh", "relu"):
+        model = add_se(nn.Sequential(nn.Conv2d(3, 32, 1), resnet.BasicBlock(32, 32)), excitation=excitation, init="identity")
+        se = se_blocks(model)["1.se"]
+        with torch.no_grad():
+            torch.testing.assert_close(se(u), u, rtol=1e-4, atol=1e-4)
+
+
+def test_se_layer_puts_a_timm_module_anywhere():
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    base = randomise_norms(torchvision.models.resnet18())
+    for position in ("standard", "post"):
+        model = add_se(base, position=position, se_layer=timm_layers.EcaModule).eval()
+        blocks = se_blocks(model)
+        assert len(blocks) == 8 and all(isinstance(b, timm_layers.EcaModule) for b in blocks.values())
+        assert blocks["layer2.0.se"]._se_surgery["se_layer"] == "EcaModule"
+        block, eca = model.layer2[0], blocks["layer2.0.se"]
+        x = torch.randn(2, 64, 16, 16)
+        with torch.no_grad():
+            out = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
+            if position == "standard":
+                ref = block.relu(eca(out) + block.downsample(x))
+            else:
+                ref = eca(block.relu(out + block.downsample(x)))
+            torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
+    assert {k for k in model.state_dict() if ".se." in k} == {f"{n}.conv.weight" for n in blocks}
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [({"position": "middle"}, "position must be one of"), ({"squeeze": "mean"}, "squeeze must be one of"),
+     ({"excitation": "softmax"}, "excitation must be one of"), ({"bias": "yes"}, "bias must be True or False"),
+     ({"se_layer": 3}, "se_layer must be a callable"),
+     ({"se_layer": lambda c: nn.Conv2d(c, 2 * c, 1)}, r"maps 2 x \d+ x 5 x 7 to \(2, \d+, 5, 7\).*same shape"),
+     ({"se_layer": lambda c: "gate"}, "must return an nn.Module"),
+     ({"init": "identity", "bias": False}, "needs bias=True")],
+)
+def test_bad_options_leave_the_model_untouched(options, match):
+    model = torchvision.models.resnet18()
+    snapshot, modules = copy.deepcopy(model.state_dict()), list(model.modules())
+    with pytest.raises(SurgeryError, match=match):
+        add_se(model, inplace=True, **options)
+    assert list(model.modules()) == modules and all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
+    assert type(model.layer1[0]) is resnet.BasicBlock
+
+
+def test_3x3_without_an_inner_spatial_conv(caplog):
+    class Pointwise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = conv_bn(8, 8, 1), conv_bn(8, 8, 1)
+
+        def forward(self, x):
+            return x + self.conv2(torch.relu(self.conv1(x)))
+
+    for model in (nn.Sequential(nn.Conv2d(3, 8, 1), Pointwise()), torchvision.models.mobilenet_v2()):
+        with pytest.raises(SurgeryError, match=r"position='3x3' fits none.*spatial convolution"):
+            add_se(model, position="3x3")
+    mixed = nn.Sequential(nn.Conv2d(3, 8, 1), Pointwise(), resnet.BasicBlock(8, 8))
+    with caplog.at_level(logging.WARNING, logger="se_surgery"):
+        assert list(se_blocks(add_se(mixed, reduction=2, position="3x3"))) == ["2.se"]
+    assert "spatial convolution" in caplog.text and "(1)" in caplog.text
+
+
+RESNET50_PARAMS = {  # SENet Table 10 (r), Table 13 (where), Table 15 (SE 3x3), and the paper's bias-free ablations
+    (("reduction", 2),): 45_699_240, (("reduction", 4),): 35_635_688, (("reduction", 8),): 30_603_912,
+    (("reduction", 16),): 28_088_024, (("reduction", 32),): 26_830_080,
+    (("where", (2,)),): 25_582_424, (("where", (3,)),): 25_690_280, (("where", (4,)),): 26_349_992,
+    (("position", "3x3"),): 25_718_228, (("bias", False),): 28_071_976, (("squeeze", "none"),): 28_088_024,
+}
+
+
+@pytest.mark.parametrize("options", list(RESNET50_PARAMS), ids=lambda o: "-".join(f"{k}={v}" for k, v in o))
+def test_resnet50_costs_match_the_paper_tables_exactly(options):
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in options}
+    model = add_se(torchvision.models.resnet50(), **kwargs)
+    assert sum(p.numel() for p in model.parameters()) == RESNET50_PARAMS[options]
+
+
+def se_macs(side: int | None) -> int:
+    """Multiply-adds of ResNet-50's SE FC layers (C x C/16 twice per block): at every position of each stage's output
+    for NoSqueeze (input side ``side``), once per image for the standard SE (``side=None``)."""
+    stages = [(3, 256, 4), (4, 512, 8), (6, 1024, 16), (3, 2048, 32)]  # blocks, C, stride of the stage's output
+    return sum(n * 2 * (side // stride if side else 1) ** 2 * c * (c // 16) for n, c, stride in stages)
+
+
+def test_nosqueeze_multiply_adds_follow_the_formula():
+    assert se_macs(224) == 411_041_792  # Table 16: 3.86 -> 4.27 GFLOPs, +0.41
+    cost = summary(torchvision.models.resnet50(), (1, 3, 64, 64), squeeze="none")
+    assert cost.params_se == 28_088_024 and cost.macs_se - cost.macs_base == se_macs(64)
+    assert count_macs(add_se(torchvision.models.resnet50()), (1, 3, 64, 64)) - cost.macs_base == se_macs(None) == 2_514_944
+
+
+def test_summary_takes_add_se_options_and_refuses_them_on_an_se_model():
+    cost = summary(torchvision.models.resnet18(), (1, 3, 32, 32), reduction=8, where=[5], bias=False)
+    assert cost.se_blocks == 2 and cost.params_se - cost.params_base == 2 * 2 * 512 * 64
+    with pytest.raises(SurgeryError, match="plain model"):
+        summary(add_se(torchvision.models.resnet18()), (1, 3, 32, 32), reduction=8)
+
+
+@pytest.mark.parametrize("position", ["pre", "post", "identity"])
+def test_an_se_off_the_branch_is_not_doubled(position):
+    se = add_se(torchvision.models.resnet18(), position=position)
+    with pytest.raises(SurgeryError, match="already holds an SE|add_se applied twice"):  # identity: SE on the skip
+        add_se(se)
+
+
+def test_summary_cli_takes_the_options_and_prints_the_paper_tables():
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> str:
+        run = subprocess.run([sys.executable, "-m", "se_surgery.summary", *args], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    out = cli("resnet18", "--position", "post", "--squeeze", "max", "--no-bias", "--where", "3,4", "-r", "8",
+              "--input-size", "32")
+    cost = summary(torchvision.models.resnet18(), (1, 3, 32, 32), reduction=8, where=[3, 4], position="post",
+                   squeeze="max", bias=False)
+    assert "r=8, where=[3, 4], position=post, squeeze=max, bias=False, 32x32 input" in out
+    assert f"{cost.params_se:,}" in out and f"{cost.macs_se:,}" in out and "(4 SE blocks)" in out
+    tables = cli("resnet50", "--paper-tables", "--input-size", "64")
+    for label, params, paper in [("r = 2", 45_699_240, "45.7M"), ("stage 4 only", 26_349_992, "26.4M"),
+                                 ("SE 3x3", 25_718_228, "25.8M"), ("NoSqueeze", 28_088_024, "28.1M")]:
+        assert re.search(rf"{re.escape(label)}\s+{params:,}\s+{paper}", tables), label
+    assert "Table 10" in tables and "Table 13" in tables and "Table 15" in tables and "Table 16" in tables
