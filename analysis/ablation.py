@@ -13,7 +13,6 @@ Two ways to take a block's excitation out, next to the intact model:
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -22,23 +21,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from analysis.capture import find_gates, model_paper_names, select_blocks
-from se_surgery.modes import eval_mode
+from analysis.capture import find_gates, model_paper_names
 from analysis.errors import AnalysisError
-from analysis.excitation_stats import ExcitationStats
+from analysis.excitation_stats import ExcitationStats, select_blocks
+from analysis.protocol import paper_stages
+from se_surgery.modes import eval_mode
+from se_surgery.train.metrics import topk_correct
 
 __all__ = ["ConstantGate", "ablate", "ablation_blocks", "evaluate", "fix_gates"]
 
 LAST_STAGE = "last-stage"
 ALL_BLOCKS = "all"
-_STAGE = re.compile(r"SE_(\d+)_\d+")
 
 
 class ConstantGate(nn.Module):
-    """A gate that ignores its input and returns a fixed per-channel excitation.
+    """A gate that ignores its input and returns a fixed per-channel excitation, on the input's device and dtype.
 
     Args:
-        value: ``(C,)`` excitation per channel.
+        value: ``(C,)`` excitation per channel (kept in its own precision, float64 from the captured means).
     """
 
     def __init__(self, value: torch.Tensor) -> None:
@@ -46,7 +46,8 @@ class ConstantGate(nn.Module):
         self.register_buffer("value", value.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.value.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2))).expand_as(x)
+        value = self.value.to(device=x.device, dtype=x.dtype)
+        return value.view(1, -1, *([1] * (x.dim() - 2))).expand_as(x)
 
 
 def ablation_blocks(model: nn.Module, spec: str) -> list[str]:
@@ -60,14 +61,13 @@ def ablation_blocks(model: nn.Module, spec: str) -> list[str]:
         return list(gates)
     if spec.strip() != LAST_STAGE:
         return select_blocks(gates, paper, [s.strip() for s in spec.split(",") if s.strip()])
-    stages = {b: int(m[1]) for b, p in paper.items() if (m := _STAGE.fullmatch(p))}
+    stages = paper_stages(list(gates), paper)
     if not stages:
         raise AnalysisError(
             f"'{LAST_STAGE}' needs SE_<stage>_<block> names, which this model has not: name the blocks instead, "
             f"e.g. --ablate {','.join(list(gates)[-2:])}"
         )
-    last = max(stages.values())
-    return [b for b in gates if stages.get(b) == last]
+    return stages[max(stages)]
 
 
 def fix_gates(model: nn.Module, means: dict[str, np.ndarray]) -> nn.Module:
@@ -75,7 +75,9 @@ def fix_gates(model: nn.Module, means: dict[str, np.ndarray]) -> nn.Module:
     fixed = copy.deepcopy(model)
     gates = find_gates(fixed)
     for block, value in means.items():
-        fixed.set_submodule(gates[block], ConstantGate(torch.as_tensor(value, dtype=torch.float32)))
+        like = next(fixed.get_submodule(block).parameters(), None)
+        device = like.device if like is not None else None
+        fixed.set_submodule(gates[block], ConstantGate(torch.as_tensor(value, dtype=torch.float64, device=device)))
     return fixed
 
 
@@ -84,16 +86,15 @@ def evaluate(
 ) -> tuple[float, float, int]:
     """Top-1 and top-5 accuracy in percent (top-k with k capped at the number of classes), and the image count."""
     device = next(model.parameters()).device
-    correct1 = correct5 = total = 0
+    correct = torch.zeros(2, dtype=torch.float64)
+    total = 0
     with eval_mode(model), torch.no_grad():
         for images, labels in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
             logits = model(images.to(device, non_blocking=True))
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-            hits = top == labels.view(-1, 1)
-            correct1 += int(hits[:, 0].sum())
-            correct5 += int(hits.any(1).sum())
+            correct += topk_correct(logits, labels.to(device)).cpu()
             total += len(labels)
-    return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1), total
+    top1, top5 = (100.0 * float(c) / max(total, 1) for c in correct)
+    return top1, top5, total
 
 
 def _params(model: nn.Module) -> int:

@@ -1,11 +1,17 @@
 """Forward hooks on SE gates and the streaming capture of their excitations.
 
-The gate of an SE block is the module whose output is the excitation ``s`` in [0, 1] (``sigma`` in the paper's
-eq. 3). It is found by name, so the model never learns it is watched:
+The gate of an SE block is the module whose output is the excitation ``s`` (``sigma`` in the paper's eq. 3, in
+[0, 1] for a sigmoid). It is found by the SE module's type or name, so the model never learns it is watched:
 
-- ``*.se.scale_activation`` (and ``*.se_1.scale_activation``, ...): what :func:`se_surgery.add_se` inserts (``torchvision.ops.SqueezeExcitation``);
-- ``*.se.gate``: timm's ``SEModule`` / ``SqueezeExcite`` (the gate is not always an ``nn.Sigmoid``);
-- the ``scale_activation`` of any ``SqueezeExcitation``, whatever its name (torchvision's MobileNetV3, EfficientNet).
+- torchvision's ``SqueezeExcitation`` (EfficientNet, MobileNetV3, RegNetY, and every variant :func:`se_surgery.add_se`
+  makes, at ``<owner>.se`` / ``se_1``): its ``scale_activation``;
+- timm's ``SEModule``, ``EffectiveSEModule``, ``SqueezeExcite`` (EfficientNet / MobileNetV3 blocks): their ``gate``;
+- timm's legacy SENet ``SEModule`` (``legacy_seresnet50``, the paper's own model): its ``sigmoid``;
+- any other module named ``se`` / ``se_<k>`` / ``se_module`` with one of those children.
+
+A gate whose output keeps its spatial map (``N x C x H x W``, ``add_se(squeeze="none")``) is averaged over space per
+channel. A gate that is not a sigmoid (``excitation="tanh"`` / ``"relu"``) is marked unbounded: its values are not in
+[0, 1], so saturation is not measured for it.
 
 The hooks live in :class:`GateRecorder`, a context manager that always removes them, even when the forward raises.
 """
@@ -13,11 +19,9 @@ The hooks live in :class:`GateRecorder`, a context manager that always removes t
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,67 +29,60 @@ from torchvision.ops import SqueezeExcitation
 from tqdm.auto import tqdm
 
 from analysis.errors import AnalysisError
-from analysis.excitation_stats import ExcitationStats
+from analysis.excitation_stats import ExcitationStats, resolve_classes, select_blocks
 from analysis.streaming import ClassMoments
 from se_surgery.modes import eval_mode
+from se_surgery.surgery import paper_names
+from se_surgery.surgery.naming import SE_LEAF, is_resnet_block, paper_names_for
 
-__all__ = ["GateRecorder", "capture_excitations", "find_gates", "model_paper_names"]
+__all__ = ["GateRecorder", "capture_excitations", "find_gates", "model_paper_names", "unbounded_gates"]
 
 logger = logging.getLogger(__name__)
 
-_GATE_NAMES = ("scale_activation", "gate")
-_SE_NAME = re.compile(r"se(_\d+)?")  # add_se names a second SE of the same block "se_1"
+_GATE_CHILDREN = ("scale_activation", "gate", "sigmoid")  # torchvision and add_se, timm, timm's legacy SENet
+_SE_TYPES = {"SqueezeExcitation", "SEModule", "EffectiveSEModule", "SqueezeExcite", "SqueezeExciteCl"}
+_SE_LEAVES = {"se_module"}  # timm's legacy SENet; add_se's se / se_<k> are matched by SE_LEAF
 
 
 def find_gates(model: nn.Module) -> dict[str, str]:
-    """SE module name -> name of its gate module, in registration order.
+    """SE module name -> name of its gate module (whose output is s), in registration order.
 
     Examples:
         >>> find_gates(se_resnet18)["layer1.0.se"]
         'layer1.0.se.scale_activation'
     """
-    modules = dict(model.named_modules())
     gates = {}
-    for name in modules:
-        owner, _, leaf = name.rpartition(".")
-        if leaf not in _GATE_NAMES or not owner:
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        named_se = bool(name) and (SE_LEAF.fullmatch(leaf) is not None or leaf in _SE_LEAVES)
+        if not (isinstance(module, SqueezeExcitation) or type(module).__name__ in _SE_TYPES or named_se):
             continue
-        if _SE_NAME.fullmatch(owner.rpartition(".")[2]) or (isinstance(modules[owner], SqueezeExcitation) and leaf == "scale_activation"):
-            gates[owner] = name
+        child = next((c for c in _GATE_CHILDREN if isinstance(getattr(module, c, None), nn.Module)), None)
+        if child is not None:
+            gates[name] = f"{name}.{child}" if name else child
     return gates
 
 
-def model_paper_names(model: nn.Module) -> dict[str, str]:
-    """The paper's ``SE_<stage>_<block>`` names from :func:`se_surgery.paper_names`; empty where it has none."""
-    try:
-        from se_surgery import paper_names
-    except ImportError:
-        logger.info("se_surgery.paper_names is not available: blocks keep their module names")
-        return {}
-    try:
-        return dict(paper_names(model))
-    except Exception as err:  # a model the naming rule does not know is fine: module names still work
-        logger.info("no paper names for this model (%s): blocks keep their module names", err)
-        return {}
+def unbounded_gates(model: nn.Module, gates: dict[str, str]) -> set[str]:
+    """The SE blocks whose gate is not a sigmoid (hard or not), so whose s is not confined to [0, 1]."""
+    return {b for b, g in gates.items() if "sigmoid" not in type(model.get_submodule(g)).__name__.lower()}
 
 
-def select_blocks(gates: dict[str, str], paper_names: dict[str, str], blocks: Iterable[str] | None) -> list[str]:
-    """Resolve ``blocks`` (SE module names or paper names; ``None`` = all) to SE module names.
+def model_paper_names(model: nn.Module, gates: dict[str, str] | None = None) -> dict[str, str]:
+    """SE module name -> the paper's ``SE_<stage>_<block>`` name; empty where the model has none.
 
-    Raises:
-        AnalysisError: a name that is no SE block; the message lists the valid ones.
+    Blocks inserted by :func:`se_surgery.add_se` carry their name. Other SE networks get one when every SE sits in a
+    ResNet-style block (``layer<k>.<i>``: timm's ``seresnet50`` and ``legacy_seresnet50``); the rest (EfficientNet,
+    MobileNetV3, RegNetY) keep their module names.
     """
-    if blocks is None:
-        return list(gates)
-    by_paper = {p: b for b, p in paper_names.items() if b in gates}
-    chosen, unknown = [], []
-    for name in blocks:
-        block = name if name in gates else by_paper.get(name)
-        (chosen if block else unknown).append(block or name)
-    if unknown:
-        valid = ", ".join(paper_names.get(b, b) for b in gates)
-        raise AnalysisError(f"unknown SE block(s) {', '.join(unknown)}: use any of {valid}")
-    return chosen
+    names = paper_names(model)
+    if names:
+        return dict(names)
+    owners = {block: block.rpartition(".")[0] for block in (find_gates(model) if gates is None else gates)}
+    if not owners or not all(is_resnet_block(o) for o in owners.values()) or len(set(owners.values())) < len(owners):
+        return {}
+    by_owner = paper_names_for(owners.values())
+    return {block: by_owner[owner] for block, owner in owners.items()}
 
 
 def dataset_classes(loader: Iterable) -> list[str] | None:
@@ -94,26 +91,6 @@ def dataset_classes(loader: Iterable) -> list[str] | None:
     while dataset is not None and not hasattr(dataset, "classes"):
         dataset = getattr(dataset, "dataset", None)
     return [str(c) for c in dataset.classes] if dataset is not None else None
-
-
-def resolve_classes(classes: Sequence[int | str] | None, names: list[str] | None) -> list[int] | None:
-    """Class indices from names or indices (``None`` = all).
-
-    Raises:
-        AnalysisError: an unknown name or an index out of range; the message lists the valid ones.
-    """
-    if classes is None:
-        return None
-    out = []
-    for cls in classes:
-        if isinstance(cls, str) and names is not None and cls in names:
-            out.append(names.index(cls))
-        elif isinstance(cls, (int, np.integer)) and cls >= 0 and (names is None or cls < len(names)):
-            out.append(int(cls))
-        else:
-            valid = ", ".join(names) if names else "class indices"
-            raise AnalysisError(f"unknown class {cls!r}: use any of {valid} (or their indices)")
-    return out
 
 
 _FLUSH_ELEMENTS = 1 << 20  # gate values held back per block before they are folded in (4 MiB in float32)
@@ -234,11 +211,12 @@ def capture_excitations(
     gates = find_gates(model)
     if not gates:
         raise AnalysisError(
-            "the model has no SE block (no '*.se.scale_activation', '*.se.gate' or SqueezeExcitation gate): "
+            "the model has no SE block (no SqueezeExcitation, timm SEModule / EffectiveSEModule / SqueezeExcite, or "
+            "'*.se' module with a gate): "
             "add them with se_surgery.add_se and train it first"
         )
-    paper_names = model_paper_names(model)
-    chosen = select_blocks(gates, paper_names, blocks)
+    paper = model_paper_names(model, gates)
+    chosen = select_blocks(gates, paper, blocks)
     names = dataset_classes(loader)
     selected = resolve_classes(classes, names)
     num_classes = len(names) if names else max(selected or [0]) + 1
@@ -264,7 +242,8 @@ def capture_excitations(
         raise AnalysisError("no image was captured: check that the loader yields images of the chosen classes")
     moments = recorder.moments
     names = names or [str(k) for k in range(max(m.num_classes for m in moments.values()))]
-    stats = ExcitationStats(moments, names, {b: paper_names[b] for b in moments if b in paper_names}).all_reduce()
+    unbounded = unbounded_gates(model, {b: gates[b] for b in moments})
+    stats = ExcitationStats(moments, names, {b: paper[b] for b in moments if b in paper}, unbounded).all_reduce()
     for m in moments.values():
         m.to("cpu")
     logger.info("captured %d SE blocks over %d images", len(moments), stats.count(stats.blocks[0]))

@@ -7,7 +7,7 @@ named by their SE module (``"layer4.1.se"``); the paper's names (``"SE_5_2"``) a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,11 +15,58 @@ import pandas as pd
 
 from analysis.errors import AnalysisError
 from analysis.streaming import ClassMoments
+from se_surgery.surgery.naming import resolve_blocks
 
-__all__ = ["ALL", "ExcitationStats"]
+__all__ = ["ALL", "ExcitationStats", "resolve_classes", "select_blocks"]
 
 ALL = "all"
 """The ``class`` value of the rows pooled over every captured class (the paper's "all" curve)."""
+
+
+def select_blocks(blocks: Iterable[str], paper_names: Mapping[str, str], names: Iterable[str] | None) -> list[str]:
+    """Resolve ``names`` (SE module names or paper names; ``None`` = all) to SE module names among ``blocks``.
+
+    Raises:
+        AnalysisError: a name that is no SE block; the message lists the valid ones.
+    """
+    blocks = list(blocks)
+    if names is None:
+        return blocks
+    chosen, unknown = resolve_blocks(names, blocks, paper_names)
+    if unknown:
+        valid = ", ".join(paper_names.get(b, b) for b in blocks)
+        raise AnalysisError(f"unknown SE block(s) {', '.join(unknown)}: use any of {valid}")
+    return chosen
+
+
+def resolve_classes(
+    classes: Sequence[int | str] | None, names: Sequence[str] | None, aliases: Sequence[str] | None = None
+) -> list[int] | None:
+    """Class indices from class names, indices, or indices written as text (``None`` = all, returned as ``None``).
+
+    Args:
+        classes: What the user asked for.
+        names: The dataset's class names (index order), or ``None`` when it has none (then only indices work).
+        aliases: Other names of the same classes, tried after ``names`` (ImageNet's words for its folder ids).
+
+    Raises:
+        AnalysisError: an unknown name or an index out of range; the message lists the valid ones.
+    """
+    if classes is None:
+        return None
+    out = []
+    for cls in classes:
+        if isinstance(cls, str) and names is not None and cls in names:
+            out.append(list(names).index(cls))
+        elif isinstance(cls, str) and aliases is not None and cls in aliases:
+            out.append(list(aliases).index(cls))
+        elif isinstance(cls, (int, np.integer, str)) and str(cls).isdigit() and (names is None or int(cls) < len(names)):
+            out.append(int(cls))
+        else:
+            shown = list(names or aliases or [])
+            valid = ", ".join(shown[:30]) + (f", ... ({len(shown)} in all)" if len(shown) > 30 else "")
+            raise AnalysisError(f"unknown class {cls!r}: use any of {valid or 'the class indices'} (or their indices)")
+    return out
 
 
 @dataclass
@@ -30,11 +77,14 @@ class ExcitationStats:
         moments: SE module name -> its per-class moments, in forward order.
         class_names: Name of each class index (the dataset's ``classes``, else the index as text).
         paper_names: SE module name -> paper name (``SE_<stage>_<block>``) where the model has one.
+        unbounded: Blocks whose gate is not a sigmoid in [0, 1] (``add_se(excitation="tanh" | "relu")``): their
+            saturation metrics are undefined, and their histograms clip to [0, 1].
     """
 
     moments: dict[str, ClassMoments]
     class_names: list[str]
     paper_names: dict[str, str] = field(default_factory=dict)
+    unbounded: set[str] = field(default_factory=set)
 
     @property
     def blocks(self) -> list[str]:
@@ -53,13 +103,7 @@ class ExcitationStats:
         Raises:
             AnalysisError: ``name`` is neither; the message lists the valid names.
         """
-        if name in self.moments:
-            return name
-        by_paper = {p: b for b, p in self.paper_names.items() if b in self.moments}
-        if name in by_paper:
-            return by_paper[name]
-        valid = ", ".join(self.paper_names.get(b, b) for b in self.moments)
-        raise AnalysisError(f"unknown SE block {name!r}: use one of {valid}")
+        return name if name in self.moments else select_blocks(self.moments, self.paper_names, [name])[0]
 
     def paper_name(self, block: str) -> str:
         """The paper's name of a block, or its module name where it has none."""
@@ -76,13 +120,10 @@ class ExcitationStats:
         Raises:
             AnalysisError: no such class; the message lists the valid names.
         """
-        if isinstance(cls, str) and cls in self.class_names:
-            return self.class_names.index(cls)
-        if isinstance(cls, (int, np.integer)) and 0 <= cls < len(self.class_names):
-            return int(cls)
-        raise AnalysisError(f"unknown class {cls!r}: use one of {', '.join(self.class_names)} (or their indices)")
+        return resolve_classes([cls], self.class_names)[0]
 
-    def _moments(self, block: str, cls: int | str | None) -> tuple[float, np.ndarray, np.ndarray]:
+    def moments_of(self, block: str, cls: int | str | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+        """Count, mean ``(C,)`` and M2 ``(C,)`` (sum of squared deviations) of class ``cls`` (``None``: all pooled)."""
         m = self.moments[self.block(block)]
         if cls is None or cls == ALL:
             n, mean, m2 = m.pooled()
@@ -93,15 +134,15 @@ class ExcitationStats:
 
     def count(self, block: str, cls: int | str | None = None) -> int:
         """Images captured at ``block`` for class ``cls`` (``None``: all classes)."""
-        return int(self._moments(block, cls)[0])
+        return int(self.moments_of(block, cls)[0])
 
     def mean(self, block: str, cls: int | str | None = None) -> np.ndarray:
         """Mean excitation per channel, shape ``(C,)``, for class ``cls`` (``None``: all classes pooled)."""
-        return self._moments(block, cls)[1]
+        return self.moments_of(block, cls)[1]
 
     def std(self, block: str, cls: int | str | None = None) -> np.ndarray:
         """Sample standard deviation (``ddof=1``) per channel; NaN with fewer than two images."""
-        n, _, m2 = self._moments(block, cls)
+        n, _, m2 = self.moments_of(block, cls)
         return np.sqrt(m2 / (n - 1)) if n > 1 else np.full_like(m2, np.nan)
 
     def histogram(self, block: str, cls: int | str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +186,7 @@ class ExcitationStats:
             )
         for block, m in self.moments.items():
             m.merge(other.moments[block])
+        self.unbounded |= other.unbounded
         if len(other.class_names) > len(self.class_names):
             self.class_names = list(other.class_names)
         return self

@@ -1,9 +1,18 @@
-"""`python -m analysis.excitations --ckpt RUN/best.pt`: the SENet paper's excitation study (Sec. 7.2) on a checkpoint.
+"""`python -m analysis.excitations`: the SENet paper's excitation study (Sec. 7.2, Fig. 6-7) with numbers.
 
-Reads a checkpoint written by ``python -m se_surgery.train`` (``weights_only``: a file carrying code is refused),
-captures every SE gate's output over the checkpoint's validation split, and writes to ``--out``:
-``excitations.csv`` (per block, class and channel: n, mean, std), ``summary.json`` (per-block metrics, run facts,
-ablation), ``fig6.{png,pdf}``, ``fig7.{png,pdf}``, ``specificity.{png,pdf}``; a table of the metrics ends the run.
+Two sources of a model:
+
+- ``--ckpt RUN/best.pt``: a checkpoint written by ``python -m se_surgery.train`` (``weights_only``: a file carrying
+  code is refused), studied on its own data and preprocessing;
+- ``--model NAME [--weights FILE] --data PATH``: any SE network of torchvision (``efficientnet_b0``,
+  ``mobilenet_v3_large``, ``regnet_y_400mf``) or timm (``timm:legacy_seresnet50``), with a ``state_dict`` file and
+  the model's own preprocessing (:mod:`analysis.foreign`).
+
+``--protocol paper`` follows the paper (:mod:`analysis.protocol`): 50 images of every class of the split, the last
+SE block of each stage plus the last stage's blocks, 50 seeded channels per block in the figures, ``--classes`` drawn
+against the all-class mean. The run writes to ``--out``: ``excitations.csv`` (per block, class and channel: n, mean,
+std), ``summary.json`` (per-block metrics, run facts, ablation), ``fig6.{png,pdf}``, ``fig7.{png,pdf}``,
+``specificity.{png,pdf}``; a table of the metrics and a verdict line end the run.
 """
 
 from __future__ import annotations
@@ -25,43 +34,73 @@ matplotlib.use("Agg")  # a CLI writes files; never open a window
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from analysis.ablation import LAST_STAGE, ablate, ablation_blocks  # noqa: E402
-from analysis.capture import capture_excitations, find_gates, model_paper_names, select_blocks  # noqa: E402
+from analysis.capture import capture_excitations, find_gates, model_paper_names  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
+from analysis.foreign import Preprocess, build_foreign_model, imagenet_words, load_weights, model_transform  # noqa: E402
+from analysis.excitation_stats import resolve_classes, select_blocks  # noqa: E402
+from analysis.protocol import PAPER_CHANNELS, PAPER_PER_CLASS, paper_blocks, sample_channels  # noqa: E402
 from analysis.plots import plot_fig6, plot_fig7, plot_specificity, save_figure  # noqa: E402
-from analysis.stats import metrics_frame  # noqa: E402
+from analysis.stats import AGNOSTIC, CLASS_SPECIFIC, FAINT_GAP, SLIGHT, VISIBLE_GAP, metrics_frame  # noqa: E402
+
+ALL_PROTOCOL, PAPER_PROTOCOL = "all", "paper"
 
 TABLE_COLUMNS = {
     "paper_name": "block",
     "channels": "C",
     "eta2": "eta2",
-    "anova_F_median": "F(med)",
+    "gap": "gap(s)",
+    "gap_ratio": "gap/sd",
     "anova_p": "p(Bonf)",
     "js_mean": "JS",
     "agreement_mean": "r(all)",
     "saturated_share": "sat>0.9",
     "one_minus_s": "1-s",
+    "verdict": "verdict",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.excitations",
-        description="Reproduce the SENet excitation study (Fig. 6-7, Sec. 7.2) on a checkpoint, with numbers.",
-        epilog="example: python -m analysis.excitations --ckpt runs/demo/best.pt --per-class 50 --ablate last-stage",
+        description="Reproduce the SENet excitation study (Fig. 6-7, Sec. 7.2) on a checkpoint or any SE network.",
+        epilog="examples:\n  python -m analysis.excitations --ckpt runs/demo/best.pt --per-class 50 --ablate last-stage\n"
+               "  python -m analysis.excitations --model timm:legacy_seresnet50 --weights se50.pth --data /data/imagenet "
+               "--protocol paper --classes goldfish,pug,airliner,cliff",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by python -m se_surgery.train (best.pt)")
-    parser.add_argument("--data", help="'digits' or an ImageNet-layout folder (default: the checkpoint's data)")
-    parser.add_argument("--split", default="val", help="split to capture (default: val)")
-    parser.add_argument("--classes", help="comma-separated class names or indices (default: all classes)")
-    parser.add_argument("--per-class", type=int, help="at most N images per class, e.g. 50 as in the paper (default: all)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="checkpoint written by python -m se_surgery.train (best.pt)")
+    source.add_argument("--model", help="a torchvision model name (efficientnet_b0, regnet_y_400mf, ...) or timm:NAME "
+                        "(timm:legacy_seresnet50); needs --data")
+    parser.add_argument("--weights", help="with --model: a state_dict saved with torch.save (read weights_only; "
+                        "default: random weights)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="with --model: classifier size (default: 1000)")
+    parser.add_argument("--data", help="'digits' or an ImageNet-layout folder PATH/<split>/<class>/* (default with "
+                        "--ckpt: the checkpoint's data)")
+    parser.add_argument("--split", default="val", help="split to capture, always with evaluation transforms "
+                        "(default: val)")
+    parser.add_argument("--protocol", choices=(ALL_PROTOCOL, PAPER_PROTOCOL), default=ALL_PROTOCOL,
+                        help="'all': every chosen class and block; 'paper': 50 images of every class, the paper's "
+                        "blocks, 50 seeded channels per block, --classes drawn against the all-class mean")
+    parser.add_argument("--classes", help="comma-separated class names or indices; a 1,000-class ImageNet folder "
+                        "also takes its words, e.g. goldfish,pug,airliner,cliff (default: all classes)")
+    parser.add_argument("--per-class", type=int, help="at most N images per class, e.g. 50 as in the paper (default: "
+                        "all; 50 with --protocol paper)")
     parser.add_argument("--blocks", default="all", help="'all' or SE blocks, e.g. SE_5_1,SE_5_2 or layer4.1.se")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the paper protocol's channel sampling")
+    parser.add_argument("--crop", type=int, help="with --model: override the model's evaluation crop")
+    parser.add_argument("--resize", type=int, help="with --model: override the shorter side resized to before the crop")
+    parser.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="with --model: override the mean")
+    parser.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="with --model: override the std")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward (default: 128)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/excitations)")
+    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/excitations, or "
+                        "runs/excitations/<model> with --model)")
     parser.add_argument("--ablate", help=f"SE blocks to take out for the removal check: e.g. SE_5_2,SE_5_3, {LAST_STAGE} "
                         "or all; accuracy on the same images as the study (all of the split by default)")
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
@@ -82,22 +121,6 @@ def _writable_out(out: Path) -> Path:
 
 def _split(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
-
-
-def _class_indices(tokens: list[str] | None, names: list[str]) -> list[int]:
-    """Class tokens (names first, else indices) -> indices; all classes when ``tokens`` is None."""
-    if tokens is None:
-        return list(range(len(names)))
-    out = []
-    for token in tokens:
-        if token in names:
-            out.append(names.index(token))
-        elif token.isdigit() and int(token) < len(names):
-            out.append(int(token))
-        else:
-            shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
-            raise AnalysisError(f"unknown class {token!r}: use names or indices 0-{len(names) - 1} of {shown}")
-    return out
 
 
 def _subset(dataset: Any, classes: list[int], per_class: int | None) -> Subset:
@@ -123,6 +146,15 @@ def _table(frame: pd.DataFrame, columns: dict[str, str]) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 1e-3 and v else f"{v:.3f}")
 
 
+def _verdicts(metrics: pd.DataFrame) -> str:
+    """One line: which blocks are class-specific by the absolute gap (units of s), not by eta2 alone."""
+    groups = {v: metrics.loc[metrics["verdict"] == v, "paper_name"].tolist() for v in (CLASS_SPECIFIC, SLIGHT, AGNOSTIC)}
+    parts = [f"{v}: {', '.join(b) if b else 'none'}" for v, b in groups.items()]
+    notes = sorted(set(metrics["note"]) - {""})
+    return (f"verdict by the mean class-to-all gap (class-specific >= {VISIBLE_GAP} of s, slight >= {FAINT_GAP}, "
+            f"with ANOVA p < 0.05): " + "; ".join(parts) + "".join(f"\nnote: {n}" for n in notes))
+
+
 def _check_numbers_and_device(args: argparse.Namespace) -> None:
     for flag, value in (("--per-class", args.per_class), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
@@ -135,6 +167,59 @@ def _check_numbers_and_device(args: argparse.Namespace) -> None:
         raise AnalysisError(f"--device {args.device}: CUDA is not available here; use --device cpu")
 
 
+class Source(NamedTuple):
+    """The model to study, the dataset to study it on (evaluation transforms), other class names, run facts."""
+
+    model: nn.Module
+    dataset: Any
+    aliases: list[str] | None
+    facts: dict[str, Any]
+
+
+def _from_checkpoint(args: argparse.Namespace) -> Source:
+    from se_surgery.train.checkpoint import load_checkpoint
+    from se_surgery.train.data import build_dataset
+
+    model, info = load_checkpoint(Path(args.ckpt), map_location="cpu")
+    cfg = info["model_config"]
+    data = args.data or cfg["data"]
+    # every split through the evaluation transforms: the study measures the network, not the augmentation
+    dataset = build_dataset(data, args.split, input_size=cfg["input_size"], resize=cfg["resize"], mean=cfg["mean"],
+                            train=False)
+    facts = {"checkpoint": str(Path(args.ckpt).resolve()), "arch": cfg.get("arch"), "epoch": info.get("epoch"),
+             "checkpoint_metrics": info.get("metrics"), "data": data}
+    return Source(model, dataset, None, facts)
+
+
+def _from_model(args: argparse.Namespace) -> Source:
+    from se_surgery.train.data import DIGITS, build_dataset
+
+    if not args.data or args.data == DIGITS:
+        raise AnalysisError(f"--model {args.model} needs --data: an ImageNet-layout folder PATH/{args.split}/<class>/*")
+    model = build_foreign_model(args.model, num_classes=args.num_classes)
+    if args.weights:
+        load_weights(model, args.weights)
+    overrides = Preprocess(crop=args.crop, resize=args.resize, mean=args.mean, std=args.std)
+    transform = model_transform(args.model, model, overrides)
+    dataset = build_dataset(args.data, args.split, input_size=args.crop or 224, train=False)
+    dataset.transform = transform  # the model's own preprocessing instead of the trainer's
+    folders = [str(c) for c in dataset.classes]
+    words = imagenet_words(folders)
+    if words is not None:
+        dataset.classes = words  # ImageNet's words name the curves; the folder ids still resolve --classes
+    facts = {"model": args.model, "arch": args.model, "weights": str(Path(args.weights).resolve()) if args.weights
+             else None, "data": args.data, "transform": repr(transform).replace("\n", " ")}
+    return Source(model, dataset, folders if words is not None else None, facts)
+
+
+def _check_source_flags(args: argparse.Namespace) -> None:
+    if args.ckpt:
+        given = [f"--{k.replace('_', '-')}" for k in ("weights", "crop", "resize", "mean", "std") if getattr(args, k)]
+        if given:
+            raise AnalysisError(f"{', '.join(given)} only apply to --model: a checkpoint brings its own weights and "
+                                "preprocessing")
+
+
 class Result(NamedTuple):
     """What a run wrote: the summary (as in summary.json), the metrics and ablation tables, the output folder."""
 
@@ -144,35 +229,52 @@ class Result(NamedTuple):
     out: Path
 
 
+def _default_out(args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out)
+    if args.ckpt:
+        return Path(args.ckpt).parent / "excitations"
+    return Path("runs") / "excitations" / args.model.replace(":", "_")
+
+
 def run(args: argparse.Namespace) -> Result:
     """Everything the CLI does but printing."""
-    from se_surgery.train.checkpoint import load_checkpoint
-    from se_surgery.train.data import build_dataset
-
     started = time.perf_counter()
-    ckpt = Path(args.ckpt)
-    out = _writable_out(Path(args.out) if args.out else ckpt.parent / "excitations")
+    out = _writable_out(_default_out(args))
     _check_numbers_and_device(args)
-    model, info = load_checkpoint(ckpt, map_location="cpu")
-    cfg = info["model_config"]
-    gates, paper = find_gates(model), model_paper_names(model)
+    _check_source_flags(args)
+    model, dataset, aliases, facts = _from_checkpoint(args) if args.ckpt else _from_model(args)
+    gates = find_gates(model)
+    paper = model_paper_names(model, gates)
     if not gates:
-        raise AnalysisError(f"{ckpt} holds a model with no SE block: analyse a checkpoint trained with SE (--se)")
-    blocks = select_blocks(gates, paper, None if args.blocks == "all" else _split(args.blocks))
+        what = args.ckpt or args.model
+        raise AnalysisError(f"{what} holds a model with no SE block: analyse a checkpoint trained with SE (--se) or "
+                            "an SE network (efficientnet_b0, regnet_y_400mf, timm:seresnet50, ...)")
+    paper_protocol = args.protocol == PAPER_PROTOCOL
+    wanted = None if args.blocks == "all" else _split(args.blocks)
+    if paper_protocol and wanted is None:
+        wanted = paper_blocks(list(gates), paper) or None  # models without SE_<stage>_<block> names: every block
+    blocks = select_blocks(gates, paper, wanted)
     ablated = ablation_blocks(model, args.ablate) if args.ablate else []
-    data = args.data or cfg["data"]
-    dataset = build_dataset(data, args.split, input_size=cfg["input_size"], resize=cfg["resize"], mean=cfg["mean"])
-    classes = _class_indices(_split(args.classes), [str(c) for c in dataset.classes])
+    names = [str(c) for c in dataset.classes]
+    chosen = resolve_classes(_split(args.classes), names, aliases)
+    every = list(range(len(names)))
+    # the paper's all-class curve is over every class of the split; the chosen classes are the curves drawn
+    classes, drawn = (every, chosen) if paper_protocol else (chosen or every, None)
+    per_class = args.per_class or (PAPER_PER_CLASS if paper_protocol else None)
     model.to(args.device)
     loader_kwargs = {"batch_size": args.batch_size, "num_workers": args.workers, "pin_memory": args.device != "cpu"}
-    loader = DataLoader(_subset(dataset, classes, args.per_class), **loader_kwargs)
+    loader = DataLoader(_subset(dataset, classes, per_class), **loader_kwargs)
     progress = not args.no_progress
     stats = capture_excitations(model, loader, blocks=blocks, classes=classes, progress=progress)
     metrics = metrics_frame(stats)
     stats.to_frame().to_csv(out / "excitations.csv", index=False)
     shown = [stats.class_names[k] for k in stats.classes]
-    save_figure(plot_fig6(stats), out, "fig6")
-    save_figure(plot_fig7(stats), out, "fig7")
+    sampled = None
+    if paper_protocol:
+        sampled = sample_channels({b: stats.mean(b).size for b in stats.blocks}, k=PAPER_CHANNELS, seed=args.seed)
+    save_figure(plot_fig6(stats, classes=drawn, sampled=sampled), out, "fig6")
+    save_figure(plot_fig7(stats, classes=drawn[:2] if drawn else None, sampled=sampled), out, "fig7")
     save_figure(plot_specificity(metrics), out, "specificity")
     ablation = None
     if ablated:
@@ -180,16 +282,17 @@ def run(args: argparse.Namespace) -> Result:
         ablation.to_csv(out / "ablation.csv", index=False)
     summary = {
         "run": {
-            "checkpoint": str(ckpt.resolve()),
-            "arch": cfg.get("arch"),
-            "epoch": info.get("epoch"),
-            "checkpoint_metrics": info.get("metrics"),
-            "data": data,
+            **facts,
             "split": args.split,
+            "protocol": args.protocol,
             "classes": shown,
+            "drawn_classes": [stats.class_names[k] for k in drawn] if drawn else None,
             "images_per_class": {c: stats.count(stats.blocks[0], c) for c in shown},
-            "per_class_limit": args.per_class,
+            "per_class_limit": per_class,
             "blocks": len(stats.blocks),
+            "sampled_channels": None if sampled is None else {stats.paper_name(b): c.tolist()
+                                                               for b, c in sampled.items()},
+            "channel_seed": args.seed if paper_protocol else None,
             "device": args.device,
             "seconds": round(time.perf_counter() - started, 2),
         },
@@ -213,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{facts['arch']} on {facts['data']} ({facts['split']}): {len(facts['classes'])} classes, "
           f"{sum(facts['images_per_class'].values())} images, {facts['blocks']} SE blocks, {facts['seconds']} s")
     print(_table(metrics, TABLE_COLUMNS))
+    print(_verdicts(metrics))
     if ablation is not None:
         print(_table(ablation, {c: c for c in ("variant", "blocks", "top1", "top5", "params", "se_overhead_pct")}))
     print(f"wrote {out}/: excitations.csv summary.json fig6 fig7 specificity (.png .pdf)"

@@ -6,8 +6,7 @@ Every function returns a matplotlib ``Figure`` drawn in seaborn's "paper" contex
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,16 +16,12 @@ import pandas as pd
 import seaborn as sns
 
 from analysis.excitation_stats import ALL, ExcitationStats
+from analysis.protocol import paper_blocks
 
 __all__ = ["fig6_blocks", "plot_fig6", "plot_fig7", "plot_specificity", "save_figure"]
 
-PAPER_FIG6 = ("SE_2_3", "SE_3_4", "SE_4_6", "SE_5_1", "SE_5_2", "SE_5_3")
-"""The blocks of the paper's Fig. 6 and 7 (SE-ResNet-50)."""
-
 MAX_CLASS_LINES = 8
 """Fig. 6 draws at most this many class curves (the paper draws four); beyond, the first four chosen classes."""
-
-_PAPER_NAME = re.compile(r"SE_(\d+)_(\d+)$")
 
 
 @contextmanager
@@ -38,22 +33,21 @@ def _style() -> Iterator[None]:
 
 
 def fig6_blocks(stats: ExcitationStats) -> list[str]:
-    """The blocks to show: the paper's six if the model has them all, else the last block of every stage but the
-    final one plus every block of the final stage (which is what the paper's six are for ResNet-50). Without paper
-    names, up to six blocks evenly spread over depth, the last included."""
-    names = {stats.paper_name(b): b for b in stats.blocks}
-    if all(p in names for p in PAPER_FIG6):
-        return [names[p] for p in PAPER_FIG6]
-    stages: dict[int, list[str]] = {}
-    for block in stats.blocks:
-        match = _PAPER_NAME.match(stats.paper_name(block))
-        if match:
-            stages.setdefault(int(match[1]), []).append(block)
-    if stages:
-        *early, last = sorted(stages)
-        return [stages[s][-1] for s in early] + stages[last][-3:]
+    """The blocks to show: the paper's choice (:func:`analysis.protocol.paper_blocks`: the last block of every stage
+    but the final one plus every block of the final stage, the paper's six on SE-ResNet-50). Without paper names, up
+    to six blocks evenly spread over depth, the last included."""
+    chosen = paper_blocks(stats.blocks, stats.paper_names)
+    if chosen:
+        return chosen
     idx = np.unique(np.linspace(0, len(stats.blocks) - 1, min(6, len(stats.blocks))).round().astype(int))
     return [stats.blocks[i] for i in idx]
+
+
+def _channels(stats: ExcitationStats, block: str, first: int, sampled: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    """The channel indices drawn for ``block``: its sampled ones if given, else ``0 .. first-1``."""
+    if sampled is not None and stats.block(block) in sampled:
+        return np.asarray(sampled[stats.block(block)])
+    return np.arange(min(first, stats.mean(block).size))
 
 
 def _panels(n: int, height: float = 2.0) -> tuple[plt.Figure, np.ndarray]:
@@ -90,6 +84,7 @@ def plot_fig6(
     classes: Sequence[int | str] | None = None,
     blocks: Sequence[str] | None = None,
     channels: int = 50,
+    sampled: Mapping[str, np.ndarray] | None = None,
 ) -> plt.Figure:
     """Fig. 6: mean excitation against channel index, one curve per class plus the all-class mean, one panel per block.
 
@@ -97,7 +92,9 @@ def plot_fig6(
         stats: Captured statistics.
         classes: Classes to draw (default: every captured class, or the first four when there are more than eight).
         blocks: Blocks to draw (default: :func:`fig6_blocks`).
-        channels: Draw channels ``0 .. channels-1``, as the paper draws the first 50.
+        channels: Draw channels ``0 .. channels-1`` where ``sampled`` has none for a block.
+        sampled: SE module name -> channel indices to draw (the paper's 50 uniformly sampled channels,
+            :func:`analysis.protocol.sample_channels`).
     """
     labels = _class_labels(stats, classes, MAX_CLASS_LINES)
     blocks = list(blocks or fig6_blocks(stats))
@@ -105,11 +102,10 @@ def plot_fig6(
         fig, axes = _panels(len(blocks))
         palette = sns.color_palette("tab10" if len(labels) <= 10 else "husl", len(labels))
         for ax, block in zip(axes, blocks):
+            idx = _channels(stats, block, channels, sampled)
             for color, cls in zip(palette, labels):
-                mean = stats.mean(block, cls)[:channels]
-                ax.plot(np.arange(mean.size), mean, color=color, lw=1.0, label=cls)
-            overall = stats.mean(block)[:channels]
-            ax.plot(np.arange(overall.size), overall, color="black", lw=1.6, ls="--", label=f"{ALL} classes")
+                ax.plot(idx, stats.mean(block, cls)[idx], color=color, lw=1.0, label=cls)
+            ax.plot(idx, stats.mean(block)[idx], color="black", lw=1.6, ls="--", label=f"{ALL} classes")
             ax.set(title=stats.paper_name(block), xlabel="channel index", ylim=(-0.02, 1.05))
         _finish(fig, axes, "mean excitation", legend_title="class")
     return fig
@@ -121,6 +117,7 @@ def plot_fig7(
     classes: Sequence[int | str] | None = None,
     blocks: Sequence[str] | None = None,
     channels: int = 50,
+    sampled: Mapping[str, np.ndarray] | None = None,
 ) -> plt.Figure:
     """Fig. 7: mean excitation +/- one standard deviation across images, per channel, for one or two classes.
 
@@ -128,7 +125,9 @@ def plot_fig7(
         stats: Captured statistics.
         classes: One or two classes (default: the first two captured).
         blocks: Blocks to draw (default: :func:`fig6_blocks`).
-        channels: Draw channels ``0 .. channels-1`` (hundreds of channels with bands are unreadable at paper size).
+        channels: Draw channels ``0 .. channels-1`` (hundreds of channels with bands are unreadable at paper size)
+            where ``sampled`` has none for a block.
+        sampled: SE module name -> channel indices to draw (as for :func:`plot_fig6`).
     """
     labels = _class_labels(stats, classes, 2)[:2]
     blocks = list(blocks or fig6_blocks(stats))
@@ -136,17 +135,18 @@ def plot_fig7(
         fig, axes = _panels(len(blocks))
         for ax, block in zip(axes, blocks):
             for color, cls in zip(sns.color_palette("deep", 2), labels):
-                mean, std = stats.mean(block, cls)[:channels], np.nan_to_num(stats.std(block, cls)[:channels])
-                x = np.arange(mean.size)
+                x = _channels(stats, block, channels, sampled)
+                mean, std = stats.mean(block, cls)[x], np.nan_to_num(stats.std(block, cls)[x])
                 ax.plot(x, mean, color=color, lw=1.0, label=f"class {cls} (n={stats.count(block, cls)})")
                 ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=color, alpha=0.25, lw=0)
-            ax.set(title=stats.paper_name(block), xlabel="channel index", ylim=(-0.02, 1.05), xlim=(0, len(x) - 1))
+            ax.set(title=stats.paper_name(block), xlabel="channel index", ylim=(-0.02, 1.05), xlim=(x[0], max(x[-1], x[0] + 1)))
         _finish(fig, axes, "excitation (mean ± std)")
     return fig
 
 
 def plot_specificity(metrics: pd.DataFrame) -> plt.Figure:
-    """Class-specificity (eta squared, Jensen-Shannon distance) and saturation against depth, every block.
+    """Class-specificity (eta squared, Jensen-Shannon distance, the class-to-all gap in units of s) and saturation
+    against depth, every block.
 
     Args:
         metrics: :func:`analysis.stats.metrics_frame` output.
@@ -155,6 +155,7 @@ def plot_specificity(metrics: pd.DataFrame) -> plt.Figure:
     specificity = {
         "eta² (variance between classes)": metrics["eta2"],
         "Jensen-Shannon distance (mean over class pairs)": metrics["js_mean"],
+        "mean gap |class - all| curves (units of s)": metrics["gap"],
     }
     saturation = {
         "share of channels with mean s > 0.9": metrics["saturated_share"],
@@ -163,7 +164,7 @@ def plot_specificity(metrics: pd.DataFrame) -> plt.Figure:
     with _style():
         fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.4), sharex=True)
         for ax, series, title in zip(axes, (specificity, saturation), ("class-specificity", "saturation")):
-            for (label, values), marker in zip(series.items(), "os"):
+            for (label, values), marker in zip(series.items(), "os^"):
                 ax.plot(metrics["depth"], values, marker=marker, ms=4, lw=1.2, label=label)
             ax.set(title=title, xlabel="SE block (forward order)", ylim=(-0.02, 1.02))
             ax.set_xticks(metrics["depth"], metrics["paper_name"], rotation=60, ha="right")

@@ -26,8 +26,21 @@ profile is divided by its sum, so it becomes a distribution of excitation mass o
 distance of each class to the all-class profile. ``agreement_mean`` / ``agreement_min``: Pearson correlation of each
 class profile with the all-class profile (invariant to scale and offset: SE_5_3's "same shape up to scale").
 
+Effect size in units of s (what the eye sees in Fig. 6): eta2 is a ratio of variances, so when the gates barely vary
+within a class a tiny difference between classes is still most of the variance (0.5 vs 0.51 in every image gives
+eta2 near 1 while the curves lie on top of each other). Beside it:
+
+- ``gap``: the mean absolute gap between each class profile and the all-class profile, ``mean_k mean_c |mean_kc -
+  mean_c|``, in units of s (classes weigh equally, as curves do); ``gap_max`` the same for the most distinct class.
+- ``spread``: the standard deviation of s over every captured image and channel of the block; ``gap_ratio`` =
+  ``gap / spread``: how large the class gaps are against everything the block's excitations do.
+- ``verdict``: ``class-specific`` only when the class curves are visibly apart (``gap >= VISIBLE_GAP``, 0.05 of the
+  s axis) and the ANOVA is significant; ``slight`` for gaps between ``FAINT_GAP`` (0.02) and 0.05; else
+  ``class-agnostic`` (whatever eta2 says: the curves are indistinguishable).
+
 Saturation: ``saturated_share``, the share of channels whose all-class mean excitation is > 0.9, and ``one_minus_s``,
-the mean over channels of ``1 - mean s`` (0 for a block that passes its input through unchanged).
+the mean over channels of ``1 - mean s`` (0 for a block that passes its input through unchanged). For a gate that is
+not a sigmoid (``add_se(excitation="tanh" | "relu")``, s not in [0, 1]) both are NaN and ``note`` says why.
 """
 
 from __future__ import annotations
@@ -41,10 +54,19 @@ from scipy.spatial.distance import jensenshannon
 
 from analysis.excitation_stats import ExcitationStats
 
-__all__ = ["SATURATION_LEVEL", "block_metrics", "metrics_frame"]
+__all__ = ["FAINT_GAP", "SATURATION_LEVEL", "VISIBLE_GAP", "block_metrics", "metrics_frame", "verdict"]
 
 SATURATION_LEVEL = 0.9
 """A channel whose mean excitation is above this counts as saturated."""
+
+VISIBLE_GAP = 0.05
+"""Mean class-to-all gap (units of s) from which class curves are clearly apart in Fig. 6: on a 2-inch panel whose
+y axis spans s in [0, 1], 0.05 is 0.1 inch, about seven line widths."""
+
+FAINT_GAP = 0.02
+"""Below this mean gap (0.04 inch, under three line widths) class curves cannot be told apart by eye."""
+
+CLASS_SPECIFIC, SLIGHT, AGNOSTIC = "class-specific", "slight", "class-agnostic"
 
 
 def _anova(n: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> dict[str, float]:
@@ -66,11 +88,16 @@ def _anova(n: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> dict[str, float]:
         "omega2": (ss_between.sum() - df_b * ms_within) / (sst + ms_within) if sst > 0 else math.nan,
         "eta2_channel_median": _nan_stat(np.nanmedian, eta2_c),
         "anova_F_median": _nan_stat(np.nanmedian, f),
-        "anova_p": min(1.0, channels * _nan_stat(np.nanmin, p)),
+        "anova_p": _bonferroni(_nan_stat(np.nanmin, p), channels),
         "share_channels_significant": float(np.mean(p < 0.05 / channels)),
         "df_between": float(df_b),
         "df_within": float(df_w),
     }
+
+
+def _bonferroni(p_min: float, tests: int) -> float:
+    """``min(1, tests * p_min)``, NaN when ``p_min`` is (``min(1.0, nan)`` would be 1.0)."""
+    return math.nan if math.isnan(p_min) else min(1.0, tests * p_min)
 
 
 def _nan_stat(fn, x: np.ndarray) -> float:
@@ -94,6 +121,31 @@ def _profiles(mean: np.ndarray, overall: np.ndarray) -> dict[str, float]:
     }
 
 
+def _effect_size(mean: np.ndarray, overall: np.ndarray, n_all: float, m2_all: np.ndarray) -> dict[str, float]:
+    """Class-to-all gaps in units of s, the block's spread of s, and their ratio (see the module docstring)."""
+    if len(mean) < 2:
+        gap = gap_max = math.nan
+    else:
+        per_class = np.abs(mean - overall[None, :]).mean(1)
+        gap, gap_max = float(per_class.mean()), float(per_class.max())
+    values = n_all * overall.size
+    total_ss = m2_all.sum() + n_all * np.square(overall - overall.mean()).sum()  # around the grand mean of s
+    spread = float(np.sqrt(total_ss / (values - 1))) if values > 1 else math.nan
+    ratio = gap / spread if spread > 0 else math.nan
+    return {"gap": gap, "gap_max": gap_max, "spread": spread, "gap_ratio": ratio}
+
+
+def verdict(gap: float, anova_p: float) -> str:
+    """``class-specific`` / ``slight`` / ``class-agnostic`` from the mean gap (units of s) and the ANOVA p-value;
+    ``n/a`` with fewer than two classes. A significant ANOVA alone never makes a block class-specific."""
+    if math.isnan(gap):
+        return "n/a"
+    significant = not math.isnan(anova_p) and anova_p < 0.05
+    if significant and gap >= VISIBLE_GAP:
+        return CLASS_SPECIFIC
+    return SLIGHT if significant and gap >= FAINT_GAP else AGNOSTIC
+
+
 def block_metrics(stats: ExcitationStats, block: str) -> dict[str, float | int | str]:
     """Every metric of one block (see the module docstring for their definitions).
 
@@ -109,7 +161,8 @@ def block_metrics(stats: ExcitationStats, block: str) -> dict[str, float | int |
     classes = stats.classes
     m = stats.moments[block]
     n, mean, m2 = (t.cpu().numpy()[classes] for t in (m.n, m.mean, m.m2))
-    overall = stats.mean(block)
+    n_all, overall, m2_all = stats.moments_of(block)
+    anova, effect = _anova(n, mean, m2), _effect_size(mean, overall, n_all, m2_all)
     return {
         "block": block,
         "paper_name": stats.paper_name(block),
@@ -117,12 +170,21 @@ def block_metrics(stats: ExcitationStats, block: str) -> dict[str, float | int |
         "channels": int(mean.shape[1]),
         "classes": len(classes),
         "images": int(n.sum()),
-        **_anova(n, mean, m2),
+        **anova,
+        **effect,
+        "verdict": verdict(effect["gap"], anova["anova_p"]),
         **_profiles(mean, overall),
-        "saturated_share": float(np.mean(overall > SATURATION_LEVEL)),
-        "one_minus_s": float(np.mean(1.0 - overall)),
-        "mean_s": float(np.mean(overall)),
+        **_saturation(overall, bounded=block not in stats.unbounded),
     }
+
+
+def _saturation(overall: np.ndarray, *, bounded: bool) -> dict[str, float | str]:
+    """Saturation metrics of a [0, 1] gate; NaN, with a note, for a gate that is not bounded by 1."""
+    if not bounded:
+        return {"saturated_share": math.nan, "one_minus_s": math.nan, "mean_s": float(np.mean(overall)),
+                "note": "gate not in [0, 1] (tanh/relu excitation): no saturation at 1 to measure"}
+    return {"saturated_share": float(np.mean(overall > SATURATION_LEVEL)), "one_minus_s": float(np.mean(1.0 - overall)),
+            "mean_s": float(np.mean(overall)), "note": ""}
 
 
 def metrics_frame(stats: ExcitationStats) -> pd.DataFrame:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pathlib
+from typing import Callable
+
+import pytest
 import torch
 from timm.layers import SEModule
 from torch import nn
@@ -56,3 +60,22 @@ def make_loader(n: int = 60, num_classes: int = 4, batch_size: int = 16, seed: i
 def seeded_model(seed: int = 0, **kwargs) -> TinySENet:
     torch.manual_seed(seed)
     return TinySENet(**kwargs)
+
+
+class Payload:
+    """Unpickling this creates a marker file: the code a hostile checkpoint or weights file would run."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def one_line_error(main: Callable[[list[str]], int], capsys, args: list[str]) -> str:
+    """Run a CLI's ``main`` on bad input: it must exit 2 with one line on stderr, no traceback; returns the line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    return err

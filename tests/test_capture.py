@@ -111,7 +111,7 @@ def test_blocks_accept_names_and_reject_unknown_ones() -> None:
     model = seeded_model()
     stats = capture_excitations(model, make_loader(n=16), blocks=["layer2.0.se"])
     assert isinstance(stats, ExcitationStats) and stats.blocks == ["layer2.0.se"]
-    with pytest.raises(AnalysisError, match=r"unknown SE block.*layer1\.0\.se, layer1\.1\.se, layer2\.0\.se"):
+    with pytest.raises(AnalysisError, match=r"unknown SE block.*SE_2_1, SE_2_2, SE_3_1"):  # ResNet-like names
         capture_excitations(model, make_loader(n=16), blocks=["layer9.se"])
     with pytest.raises(AnalysisError, match="unknown class 'dog'.*class0, class1"):
         capture_excitations(model, make_loader(n=16), classes=["dog"])
@@ -143,3 +143,40 @@ def test_statistics_are_reduced_across_ranks() -> None:
         # 1e-6, not 1e-9: the ranks' float32 forwards run single-threaded, so they round a little differently
         torch.testing.assert_close(mean, single.mean(block, 1), atol=1e-6, rtol=0)
         torch.testing.assert_close(std, single.std(block), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bf16"])
+def test_fixed_gates_follow_the_inputs_dtype(dtype: torch.dtype) -> None:
+    """--ablate's constant gates give the captured float64 means in the input's own dtype (and device)."""
+    from analysis.ablation import fix_gates
+
+    model = seeded_model().to(dtype)
+    stats = capture_excitations(model, [(x.to(dtype), y) for x, y in make_loader(n=16)])
+    means = {b: stats.mean(b) for b in stats.blocks}
+    fixed = fix_gates(model, means)
+    seen = {}
+    gates = find_gates(fixed)
+    handles = [fixed.get_submodule(gates[b]).register_forward_hook(
+        lambda m, a, out, b=b: seen.setdefault(b, out)) for b in stats.blocks]
+    with torch.no_grad():
+        fixed(torch.randn(2, 3, 16, 16, dtype=dtype))
+    for h in handles:
+        h.remove()
+    for block, out in seen.items():
+        assert out.dtype == dtype and out.shape[:2] == (2, means[block].size)
+        expected = torch.as_tensor(means[block], dtype=torch.float64).to(dtype)
+        assert torch.equal(out[0].flatten(), expected) and torch.equal(out[1].flatten(), expected)
+
+
+def test_block_and_class_names_resolve_in_one_place() -> None:
+    from analysis.excitation_stats import resolve_classes, select_blocks
+    from se_surgery.surgery.naming import resolve_blocks
+
+    paper = {"layer1.0.se": "SE_2_1", "layer4.1.se": "SE_5_2"}
+    assert resolve_blocks(["SE_5_2", "layer1.0.se", "layer4.1.se", "x"], paper, paper) == (
+        ["layer4.1.se", "layer1.0.se"], ["x"])
+    assert select_blocks(paper, paper, None) == list(paper)
+    assert resolve_classes(["b", 0, "2", "pug"], ["a", "b", "c"], aliases=["x", "y", "pug"]) == [1, 0, 2, 2]
+    with pytest.raises(AnalysisError, match="unknown class '3'"):
+        resolve_classes(["3"], ["a", "b", "c"])
+    assert resolve_classes(None, ["a"]) is None

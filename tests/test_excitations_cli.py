@@ -19,6 +19,7 @@ import torchvision  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from analysis.ablation import evaluate  # noqa: E402
+from .analysis_models import Payload, one_line_error  # noqa: E402
 from analysis.excitations import main  # noqa: E402
 
 PER_CLASS = 4
@@ -48,6 +49,7 @@ def study(ckpt, tmp_path_factory) -> tuple[pathlib.Path, str]:
 def test_cli_writes_every_file_with_sensible_content(study) -> None:
     out, printed = study
     assert "SE_5_2" in printed and "removed" in printed and "wrote" in printed  # the closing table
+    assert "gap(s)" in printed and "verdict by the mean class-to-all gap" in printed
     csv = pd.read_csv(out / "excitations.csv")
     assert list(csv.columns) == ["block", "paper_name", "depth", "class", "channel", "n", "mean", "std"]
     assert csv["block"].nunique() == 8 and csv["paper_name"].iloc[-1] == "SE_5_2" and csv["depth"].max() == 8
@@ -64,6 +66,8 @@ def test_cli_writes_every_file_with_sensible_content(study) -> None:
     for block in summary["blocks"]:
         assert 0 <= block["eta2"] <= 1 and 0 <= block["saturated_share"] <= 1 and 0 <= block["js_mean"] <= 1
         assert block["anova_p"] is None or 0 <= block["anova_p"] <= 1
+        assert 0 <= block["gap"] <= block["gap_max"] <= 1 and block["verdict"] in printed
+        assert block["verdict"] != "class-specific" or block["gap"] >= 0.05  # never on indistinguishable curves
     assert [a["variant"] for a in summary["ablation"]] == ["intact", "removed", "fixed"]
 
     for stem in FIGURES:
@@ -92,21 +96,7 @@ def test_ablating_every_block_gives_the_base_models_accuracy(ckpt, study) -> Non
 
 
 def _one_line_error(capsys, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
-class Payload:
-    """Unpickling this creates a marker file: the code a malicious checkpoint would run."""
-
-    def __init__(self, marker: pathlib.Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
+    return one_line_error(main, capsys, args)
 
 
 def test_pickle_payload_is_refused_and_never_runs(tmp_path, capsys) -> None:
@@ -149,3 +139,28 @@ def test_bad_names_and_outputs_give_one_line_errors(ckpt, tmp_path, capsys) -> N
     # --out is checked first: with a missing checkpoint too, the error is about --out
     err = _one_line_error(capsys, ["--ckpt", str(tmp_path / "missing.pt"), "--out", str(blocker / "sub")])
     assert "cannot write to --out" in err
+
+
+def test_train_split_is_captured_with_the_evaluation_transforms(ckpt, tmp_path) -> None:
+    """--split train: the same numbers as a capture of the training images through the evaluation transform."""
+    from analysis import capture_excitations
+    from se_surgery.train.checkpoint import load_checkpoint
+    from se_surgery.train.data import build_dataset
+
+    payload = torch.load(ckpt, weights_only=True)  # zero-init residual BNs: after one step the gates barely vary
+    payload["model"] = {k: torch.ones_like(v) if k.endswith("bn2.weight") else v for k, v in payload["model"].items()}
+    ckpt = tmp_path / "varied.pt"
+    torch.save(payload, ckpt)
+    out = tmp_path / "train-split"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--ckpt", str(ckpt), "--split", "train", "--classes", "3", "--per-class", "3",
+                     "--blocks", "SE_5_2", "--out", str(out), "--no-progress"]) == 0
+    got = pd.read_csv(out / "excitations.csv")
+    got = got[got["class"].astype(str) == "3"]["mean"].to_numpy()
+    model, info = load_checkpoint(ckpt)
+    cfg = info["model_config"]
+    train = build_dataset(cfg["data"], "train", input_size=cfg["input_size"], resize=cfg["resize"], mean=cfg["mean"],
+                          train=False)
+    first = [i for i, t in enumerate(train.targets) if t == 3][:3]
+    stats = capture_excitations(model, DataLoader(Subset(train, first), batch_size=8), blocks=["SE_5_2"])
+    assert got == pytest.approx(stats.mean("SE_5_2", 3), abs=1e-6)

@@ -46,6 +46,8 @@ def test_fig6_blocks_follow_the_paper(layout: list[int], expected: list[str]) ->
 
 def test_fig6_blocks_without_paper_names_spread_over_depth() -> None:
     stats = capture_excitations(seeded_model(), make_loader(n=16))
+    assert fig6_blocks(stats) == ["layer1.1.se", "layer2.0.se"]  # layer<k>.<i> blocks: SE_2_2 and SE_3_1
+    stats.paper_names = {}
     assert fig6_blocks(stats) == ["layer1.0.se", "layer1.1.se", "layer2.0.se"]
 
 

@@ -86,3 +86,39 @@ def test_one_class_gives_nan_class_metrics_not_an_error(sample) -> None:
     row = frame.iloc[0]
     assert row["classes"] == 1 and row["eta2"] == 0.0
     assert math.isnan(row["anova_F_median"]) and math.isnan(row["js_mean"]) and 0 <= row["saturated_share"] <= 1
+    assert math.isnan(row["anova_p"])  # as documented: no test with one class (min(1.0, nan) would say 1.0)
+
+
+def test_gap_and_spread_match_numpy_on_the_stored_values(sample) -> None:
+    values, labels = sample
+    got = block_metrics(synthetic(values, labels), "SE_5_2")
+    x, y = values.numpy(), labels.numpy()
+    overall = x.mean(0)
+    per_class = [np.abs(x[y == k].mean(0) - overall).mean() for k in range(4)]
+    assert got["gap"] == pytest.approx(np.mean(per_class), abs=1e-12)
+    assert got["gap_max"] == pytest.approx(np.max(per_class), abs=1e-12)
+    assert got["spread"] == pytest.approx(x.std(ddof=1), abs=1e-12)
+    assert got["gap_ratio"] == pytest.approx(np.mean(per_class) / x.std(ddof=1), abs=1e-12)
+
+
+def test_separable_but_flat_curves_are_not_called_class_specific() -> None:
+    """The demo's case: gates at 0.48-0.51 with almost no spread inside a class: eta2 near 1, ANOVA p ~ 0, and yet
+    the curves lie on top of each other, so the verdict is class-agnostic; visibly apart curves are class-specific."""
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(400) % 4
+    flat = synthetic(0.48 + 0.01 * labels[:, None].double() + 0.0005 * torch.randn(400, 16, generator=g,
+                                                                                  dtype=torch.float64), labels)
+    apart = synthetic(0.3 + 0.15 * labels[:, None].double() + 0.05 * torch.randn(400, 16, generator=g,
+                                                                                dtype=torch.float64), labels)
+    f, a = block_metrics(flat, "SE_5_2"), block_metrics(apart, "SE_5_2")
+    assert f["eta2"] > 0.95 and f["anova_p"] < 1e-50 and f["gap"] == pytest.approx(0.01, abs=1e-3)
+    assert f["verdict"] == "class-agnostic" and a["verdict"] == "class-specific" and a["gap"] > 0.15
+
+
+def test_unbounded_gates_report_no_saturation(sample) -> None:
+    values, labels = sample
+    stats = synthetic(values * 2 - 1, labels)  # a tanh gate: s in [-1, 1]
+    stats.unbounded.add("layer4.1.se")
+    got = block_metrics(stats, "SE_5_2")
+    assert math.isnan(got["saturated_share"]) and math.isnan(got["one_minus_s"]) and "tanh" in got["note"]
+    assert got["gap"] > 0 and 0 <= got["eta2"] <= 1

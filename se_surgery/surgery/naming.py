@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Mapping
 
-__all__ = ["SE_LEAF", "se_name", "owner_of", "paper_names_for"]
+__all__ = ["SE_LEAF", "is_resnet_block", "se_name", "owner_of", "paper_names_for", "resolve_blocks"]
 
 _RESNET_BLOCK = re.compile(r"(?:^|\.)layer(\d+)\.(\d+)$")  # torchvision and timm ResNet / ResNeXt / Wide ResNet
 SE_LEAF = re.compile(r"se(?:_(\d+))?")  # the leaf name add_se registers an SE under
@@ -24,6 +24,11 @@ def owner_of(name: str) -> tuple[str, int]:
     if match is None:
         raise ValueError(f"{name!r} is not an SE module name (expected '<owner>.se' or '<owner>.se_<k>')")
     return owner, int(match.group(1) or 0)
+
+
+def is_resnet_block(owner: str) -> bool:
+    """Whether ``owner`` is a ResNet-style block name (``layer<k>.<i>``), which names exactly as the paper does."""
+    return _RESNET_BLOCK.search(owner) is not None
 
 
 def paper_names_for(owners: Iterable[str]) -> dict[str, str]:
@@ -48,3 +53,26 @@ def paper_names_for(owners: Iterable[str]) -> dict[str, str]:
         blocks[parent] = blocks.get(parent, 0) + 1
         names[owner] = f"SE_{stage}_{blocks[parent]}"
     return names
+
+
+def resolve_blocks(names: Iterable[str], blocks: Iterable[str], paper: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """SE module names or paper names (``"layer4.1.se"`` or ``"SE_5_2"``) -> module names, and the names that are neither.
+
+    Args:
+        names: What the user asked for, in order (duplicates are dropped).
+        blocks: The valid SE module names.
+        paper: SE module name -> paper name, for the blocks that have one.
+
+    Returns:
+        ``(chosen, unknown)``: the module names in the order asked, and the names that match no block.
+    """
+    valid = list(blocks)
+    by_paper = {p: b for b, p in paper.items() if b in valid}
+    chosen, unknown = [], []
+    for name in dict.fromkeys(names):
+        block = name if name in valid else by_paper.get(name)
+        if block is None:
+            unknown.append(name)
+        elif block not in chosen:
+            chosen.append(block)
+    return chosen, unknown

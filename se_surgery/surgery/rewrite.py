@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import SurgeryError
-from .naming import SE_LEAF, paper_names_for, se_name
+from .naming import SE_LEAF, paper_names_for, resolve_blocks, se_name
 from .positions import POSITIONS, Placement, Position, place
 from .probe import probe_sums
 from .residual import Residual, Skipped, residual_units
@@ -457,9 +457,7 @@ def remove_se(model: nn.Module, names: Iterable[str] | None = None, *, inplace: 
     """
     target = model if inplace else copy.deepcopy(model)
     blocks, paper = se_blocks(target), paper_names(target)
-    by_paper = {p: n for n, p in paper.items()}
-    chosen = list(blocks) if names is None else list(dict.fromkeys(by_paper.get(n, n) for n in names))
-    unknown = [n for n in chosen if n not in blocks]
+    chosen, unknown = (list(blocks), []) if names is None else resolve_blocks(names, blocks, paper)
     if unknown:
         raise SurgeryError(
             f"{unknown} are not SE blocks of this model; it has: "

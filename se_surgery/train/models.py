@@ -1,9 +1,10 @@
 """Build a (SE-)model from a plain-data ``model_config``: the same call makes it for training and rebuilds it later.
 
 A ``model_config`` is JSON-able and holds everything needed: ``arch`` (a ``torchvision.models.get_model`` name or
-``timm:<name>``), ``arch_kwargs``, ``surgery`` (``{"reduction", "init", "owners"}``, the exact owner names of the
-blocks that got an SE, or ``None`` for the plain model), ``num_classes``, ``class_names``, and the data settings
-``data``, ``input_size``, ``resize`` and ``mean`` that the evaluation transform needs.
+``timm:<name>``), ``arch_kwargs``, ``surgery`` (``{"reduction", "init", "owners"}`` plus ``where`` and any of
+``position``, ``squeeze``, ``excitation``, ``bias`` that differ from the standard SE; ``owners`` being the exact owner
+names of the blocks that got an SE; ``None`` for the plain model), ``num_classes``, ``class_names``, and the data settings ``data``, ``input_size``, ``resize``
+and ``mean`` that the evaluation transform needs.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from ..errors import TrainError
 from ..surgery import add_se, se_blocks
 from ..surgery.naming import owner_of
 
-__all__ = ["build_model", "build_training_model", "make_model_config"]
+__all__ = ["SURGERY_DEFAULTS", "build_model", "build_training_model", "make_model_config", "surgery_config"]
 
 log = logging.getLogger(__name__)
 _TIMM = "timm:"
+SURGERY_DEFAULTS = {"position": "standard", "squeeze": "avg", "excitation": "sigmoid", "bias": True}
+"""add_se's keyword arguments for the paper's SE variants (Tables 11, 12, 14-16) and their standard values."""
 
 
 def _base(arch: str, kwargs: dict[str, Any], num_classes: int, pretrained: bool) -> nn.Module:
@@ -68,7 +71,9 @@ def build_model(config: dict[str, Any], *, pretrained: bool = False) -> nn.Modul
     surgery = config.get("surgery")
     if surgery:
         owners = surgery.get("owners")
-        wanted = None if owners is None else set(owners).__contains__
+        where = surgery.get("where")
+        wanted = set(owners).__contains__ if owners is not None else _where(where) if where else None
+        variant = {k: surgery[k] for k, default in SURGERY_DEFAULTS.items() if surgery.get(k, default) != default}
         size = config.get("input_size", 224)
         model = add_se(
             model,
@@ -77,8 +82,25 @@ def build_model(config: dict[str, Any], *, pretrained: bool = False) -> nn.Modul
             init=surgery["init"],
             example_input=torch.zeros(2, 3, size, size),
             inplace=True,
+            **variant,  # only what differs from the standard SE, so configs of either add_se version build
         )
     return model
+
+
+def _where(items: list) -> list:
+    """``--where`` values: stage numbers as ints (``"4"`` -> 4), owner prefixes and paper names as they are."""
+    return [int(w) if str(w).isdigit() else w for w in items]
+
+
+def surgery_config(recipe: Any) -> dict[str, Any] | None:
+    """The ``surgery`` part of a ``model_config`` from a recipe (``None`` for ``--no-se``), before the owners are known."""
+    if not recipe.se:
+        return None
+    variant = {"position": recipe.position, "squeeze": recipe.squeeze, "excitation": recipe.excitation,
+               "bias": recipe.se_bias}
+    # the standard SE's config stays {"reduction", "init"} as before the variants, so older runs still resume
+    return {"reduction": recipe.reduction, "init": recipe.se_init, **({"where": recipe.where} if recipe.where else {}),
+            **{k: v for k, v in variant.items() if v != SURGERY_DEFAULTS[k]}}
 
 
 def make_model_config(recipe: Any, class_names: list[str], owners: list[str] | None = None) -> dict[str, Any]:
@@ -90,7 +112,7 @@ def make_model_config(recipe: Any, class_names: list[str], owners: list[str] | N
     return {
         "arch": recipe.arch,
         "arch_kwargs": dict(recipe.arch_kwargs),
-        "surgery": {"reduction": recipe.reduction, "init": recipe.se_init, "owners": owners} if recipe.se else None,
+        "surgery": {**surgery_config(recipe), "owners": owners} if recipe.se else None,
         "num_classes": len(class_names),
         "class_names": list(class_names),
         "data": recipe.data,

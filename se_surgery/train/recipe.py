@@ -35,6 +35,18 @@ class Recipe:
     reduction: int = _f(16, "SE reduction ratio r; the paper's default, ablated over 2..32 (Table 10)")
     se_init: str = _f("he", "SE weight init: he (the paper's, from scratch) or identity (gates start at 1)",
                       choices=("he", "identity"))
+    position: str = _f("standard", "where the SE sits in each residual block: standard (on the branch, Fig. 5b), pre, "
+                       "post, identity (Table 14) or 3x3 (after the branch's spatial conv, Table 15)",
+                       choices=("standard", "pre", "post", "identity", "3x3"))
+    squeeze: str = _f("avg", "squeeze: avg (global average pooling), max (Table 11) or none (NoSqueeze, Table 16)",
+                      choices=("avg", "max", "none"))
+    excitation: str = _f("sigmoid", "excitation gate: sigmoid, tanh or relu (Table 12)",
+                         choices=("sigmoid", "tanh", "relu"))
+    se_bias: bool = _f(True, "biases in the SE's two FC layers (the released models); the paper's ablation runs "
+                       "(Tables 10-16) use none: --no-bias", flag="--bias")
+    where: list | None = _f(None, "SE only in these blocks: paper stages (--where 4, Table 13), owner prefixes "
+                            "(layer3) or paper names (SE_5_2); default: every residual block", nargs="+", type=str,
+                            metavar="STAGE|BLOCK")
     pretrained: bool = _f(False, "start from torchvision's/timm's pretrained weights (downloads them)")
     # --- optimisation: "synchronous SGD with momentum 0.9 and a minibatch size of 1024" ---------------------------
     epochs: int = _f(100, "epochs; the paper trains 100 from scratch")
@@ -83,6 +95,10 @@ class Recipe:
             raise TrainError(f"min_scale={self.min_scale} must be in (0, 1]: pass e.g. 0.08")
         if self.mean is not None and len(self.mean) != 3:
             raise TrainError(f"mean={self.mean} needs three values (R G B, in [0, 1])")
+        for name, allowed in (("position", ("standard", "pre", "post", "identity", "3x3")),
+                              ("squeeze", ("avg", "max", "none")), ("excitation", ("sigmoid", "tanh", "relu"))):
+            if getattr(self, name) not in allowed:
+                raise TrainError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
         if self.se_init not in ("he", "identity"):
             raise TrainError(f"se_init={self.se_init!r}: use 'he' or 'identity'")
 

@@ -1,0 +1,155 @@
+"""SE networks from torchvision and timm for the excitation study: the model, its weights file, its preprocessing.
+
+``python -m analysis.excitations --model NAME [--weights FILE] --data PATH`` studies any SE network without
+retraining it: ``NAME`` is a ``torchvision.models`` name (EfficientNet, MobileNetV3 and RegNetY hold SE blocks) or
+``timm:NAME`` (``timm:legacy_seresnet50``, the port of the paper's Caffe SE-ResNet-50, or ``timm:seresnet50``). The
+architecture is built with random weights (nothing is downloaded) and ``FILE``, a ``state_dict`` saved with
+``torch.save``, is read with ``weights_only=True``: a file that carries code is refused before anything of it runs.
+The evaluation preprocessing is the model's own: timm's pretrained config (``resolve_data_config`` +
+``create_transform``) or the torchvision weights' ``transforms()``, which is a recipe, not a download.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from analysis.errors import AnalysisError
+
+__all__ = ["Preprocess", "build_foreign_model", "imagenet_words", "load_weights", "model_transform"]
+
+TIMM = "timm:"
+_WNID = re.compile(r"n\d{8}")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Flags that override the model's own evaluation preprocessing; ``None`` keeps the model's value.
+
+    Attributes:
+        crop: Side of the centre crop the network sees (224 for most ImageNet models).
+        resize: Shorter side the image is resized to before the crop (256 for the paper's 224 crop).
+        mean: Per-channel mean in [0, 1] pixel units.
+        std: Per-channel standard deviation in [0, 1] pixel units.
+    """
+
+    crop: int | None = None
+    resize: int | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+
+def build_foreign_model(name: str, *, num_classes: int = 1000) -> nn.Module:
+    """The architecture ``name`` (torchvision name or ``timm:NAME``) with random weights, in eval mode.
+
+    Raises:
+        AnalysisError: unknown name, or timm missing for a ``timm:`` name.
+    """
+    from se_surgery.errors import TrainError
+    from se_surgery.train.models import build_model
+
+    try:
+        model = build_model({"arch": name, "num_classes": num_classes, "surgery": None})
+    except TrainError as err:
+        raise AnalysisError(f"--model {name}: {err}") from None
+    return model.eval()
+
+
+def _state_dict(payload: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved ``state_dict`` (also found under ``"state_dict"`` / ``"model"`` of a training file)."""
+    for key in ("state_dict", "model"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+    if not isinstance(payload, dict) or not payload or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise AnalysisError(
+            f"{path} is not a state_dict (a dict of tensors): save one with torch.save(model.state_dict(), FILE)"
+        )
+    return {k.removeprefix("module."): v for k, v in payload.items()}  # DDP-saved files carry a "module." prefix
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load the ``state_dict`` in ``path`` into ``model`` (strict), reading the file with ``weights_only=True``.
+
+    Raises:
+        AnalysisError: a missing, damaged or non-state_dict file; a file carrying code (refused, never run); keys or
+            shapes that do not match the model (the first mismatches are named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnalysisError(f"no weights file at {path}: pass --weights a state_dict saved with torch.save")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise AnalysisError(
+            f"{path} holds Python objects besides tensors ({str(err).splitlines()[0][:120]}): refusing to run its "
+            "code; save the weights alone with torch.save(model.state_dict(), FILE)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise AnalysisError(f"{path} is damaged or not a torch file ({str(err).splitlines()[0][:120]})") from None
+    state = _state_dict(payload, path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+        raise AnalysisError(
+            f"{path} does not fit {type(model).__name__}: {'; '.join(parts)}. Pass the --model these weights were "
+            "saved from (and --num-classes if its classifier is not 1000-way)"
+        )
+    model.load_state_dict(state)
+    return model
+
+
+def model_transform(name: str, model: nn.Module, overrides: Preprocess = Preprocess()) -> Callable:
+    """The model's own evaluation transform (PIL image in, normalised tensor out), with ``overrides`` applied.
+
+    timm models: their pretrained config through ``timm.data.resolve_data_config`` / ``create_transform``.
+    torchvision models: ``get_model_weights(name).DEFAULT.transforms(...)`` (needs no download); a model without
+    weights gets ImageNet's 256 -> 224 crop and statistics.
+    """
+    if name.startswith(TIMM):
+        from timm.data import create_transform, resolve_data_config
+
+        args: dict[str, Any] = {}
+        cfg = resolve_data_config({}, model=model)
+        crop = overrides.crop or cfg["input_size"][-1]
+        if overrides.crop or overrides.resize:
+            args["input_size"] = (3, crop, crop)
+            args["crop_pct"] = crop / overrides.resize if overrides.resize else cfg["crop_pct"]
+        if overrides.mean:
+            args["mean"] = tuple(overrides.mean)
+        if overrides.std:
+            args["std"] = tuple(overrides.std)
+        return create_transform(**resolve_data_config(args, model=model), is_training=False)
+    from torchvision.models import ResNet50_Weights, get_model_weights
+
+    try:
+        preset = get_model_weights(name).DEFAULT.transforms
+    except (ValueError, KeyError, AttributeError):  # no weights enum: ImageNet's 256 -> 224 crop and statistics
+        preset = ResNet50_Weights.IMAGENET1K_V1.transforms
+    kwargs = {k: v for k, v in (("crop_size", overrides.crop), ("resize_size", overrides.resize),
+                                ("mean", overrides.mean), ("std", overrides.std)) if v is not None}
+    if overrides.crop and not overrides.resize:
+        kwargs["resize_size"] = round(overrides.crop * 256 / 224)  # keep the usual 256/224 ratio around a new crop
+    return preset(**kwargs)
+
+
+def imagenet_words(classes: Sequence[str]) -> list[str] | None:
+    """ImageNet's category words (``goldfish``, ``pug``, ...) for a 1,000-class folder of WordNet ids in the standard
+    (sorted) order, from torchvision's weights metadata (no download); ``None`` for any other folder."""
+    if len(classes) != 1000 or not all(_WNID.fullmatch(c) for c in classes) or list(classes) != sorted(classes):
+        return None
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
