@@ -1,6 +1,6 @@
 """Surgery benchmark: cost of add_se itself, and the SE overhead, measured side by side in one run.
 
-    python benchmarks/surgery.py [--rounds 15] [--threads 2] [--no-compile] [--no-train]
+    python benchmarks/surgery.py [--rounds 15] [--threads 2] [--no-forward] [--no-train] [--no-compile]
 
 Prints the time of add_se(resnet50()), then, against plain ResNet-50 (torchvision, random weights), the time ratios of:
 the same network rewritten by fx with no SE (add_se then remove_se: the cost of fx itself, target 1.00x), SE-ResNet-50
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (minutes)")
     parser.add_argument("--no-train", dest="train", action="store_false", help="skip the training step")
+    parser.add_argument("--no-forward", dest="forward", action="store_false", help="skip the eval forward table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -99,9 +100,8 @@ def main() -> None:
         "SE unfused": add_se(base, fuse=False).eval(),
         "timm SE": timm.create_model("seresnet50").eval(),
     }
-    print(f"\nforward, eval, 224x224, {args.threads} threads: median time; ratio to plain per round, median (min-max) "
-          f"over {args.rounds} rounds")
-    for batch in (1, 8):
+    print(f"\n{args.threads} threads: median time; ratio to plain per round, median (min-max) over the rounds")
+    for batch in (1, 8) if args.forward else ():
         for layout in (torch.contiguous_format, torch.channels_last):
             name = "channels-last" if layout is torch.channels_last else "contiguous"
             x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=layout)
@@ -112,8 +112,11 @@ def main() -> None:
                 times = interleaved(fns, args.rounds, calls=3 if batch == 1 else 1)
                 floor = statistics.median(interleaved({"pool": lambda: [global_mean(u) for u in pooled]}, args.rounds)["pool"])
             plain = statistics.median(times["plain"])
-            print_table(f"batch {batch}, {name}", times, {"floor": plain + floor})
+            title = f"\nforward, eval, 224x224, batch {batch}, {name}, {args.rounds} rounds"
+            print_table(title, times, {"floor": plain + floor})
 
+    for m in models.values():
+        m.to(memory_format=torch.contiguous_format)
     if args.train:
         x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
         nets = {k: m.train() for k, m in models.items() if k != "fx, no SE"}
@@ -125,7 +128,8 @@ def main() -> None:
             opts[key].step()
 
         times = interleaved({k: (lambda k=k: step(k)) for k in nets}, max(args.rounds // 2, 3))
-        print_table("\ntraining step (forward, backward, SGD), batch 8, train mode, contiguous", times)
+        rounds = len(times["plain"])
+        print_table(f"\ntraining step (forward, backward, SGD), batch 8, train mode, contiguous, {rounds} rounds", times)
         for m in nets.values():
             m.eval()
 
@@ -136,7 +140,7 @@ def main() -> None:
             for m in compiled.values():
                 m(x)  # compiles (minutes on 2 cores)
             times = interleaved({k: (lambda m=m: m(x)) for k, m in compiled.items()}, max(args.rounds // 2, 3))
-        print_table("\ntorch.compile (inductor), eval, batch 8, contiguous", times)
+        print_table(f"\ntorch.compile (inductor), eval, batch 8, contiguous, {len(times['plain'])} rounds", times)
 
     print("\npaper (SENet Sec. 4): one CPU, batch 1: 164 ms -> 167 ms, 1.02x; training step on GPUs: 190 -> 209 ms, 1.10x")
 
