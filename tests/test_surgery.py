@@ -484,5 +484,5 @@ def test_autowrapped_helpers_stay_opaque_through_add_and_remove():
     with torch.no_grad():
         block, h = one[1].eval(), one[0](x)
         y = h + clip_if_large(block.f(h))
-        torch.testing.assert_close(block(h), y + block.se_1(block.g(y)), rtol=0, atol=0)
+        torch.testing.assert_close(block(h), block.se_1(block.g(y), y), rtol=0, atol=0)  # fused: y + g(y) * s
         assert torch.equal(remove_se(one)(x), base(x))

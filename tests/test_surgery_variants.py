@@ -106,7 +106,8 @@ def test_squeeze_and_excitation_follow_their_formula(squeeze, excitation):
     se = se_blocks(model)["1.se"]
     assert se._se_surgery | {"order": None} == {
         "paper_name": "SE_2_1", "order": None, "replaced_none": False, "position": "standard",
-        "squeeze": squeeze, "excitation": excitation, "bias": excitation != "tanh", "se_layer": None}
+        "squeeze": squeeze, "excitation": excitation, "bias": excitation != "tanh", "se_layer": None,
+        "fused": True}
     assert (se.fc1.bias is None) == (excitation == "tanh")
     u = torch.randn(2, 16, 5, 7)
     gates = []

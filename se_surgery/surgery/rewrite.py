@@ -20,7 +20,7 @@ from .naming import SE_LEAF, paper_names_for, resolve_blocks, se_name
 from .positions import POSITIONS, Placement, Position, place
 from .probe import probe_sums
 from .residual import Residual, Skipped, residual_units
-from .rewritten import calls, restore, rewrite
+from .rewritten import calls, is_rewritten, restore, rewrite
 from .se_module import EXCITATIONS, SQUEEZES, Excitation, SELayer, Squeeze, check_shape_kept
 from .tracing import concrete_arguments, propagate_shapes, trace_module
 
@@ -188,6 +188,7 @@ def add_se(
     leaf_modules: Sequence[str | type] = (),
     autowrap_functions: Sequence[Callable] = (),
     example_input: torch.Tensor | None = None,
+    fuse: bool = True,
     inplace: bool = False,
     divisor: int | None = None,
     strict: bool = False,
@@ -224,6 +225,12 @@ def add_se(
             one); their children are still searched.
         autowrap_functions: functions fx should record as calls rather than trace through.
         example_input: an input the model accepts, for shape propagation; default ``randn(2, 3, 64, 64)``.
+        fuse: fuse the standard SE with its residual sum, ``skip + u * s`` in one pass (``torch.addcmul``, the
+            Caffe SENet's Axpy layer; the block calls ``se(u, skip)``) instead of ``se(u)`` and then the sum. Same
+            parameters, state_dict keys and outputs (to float rounding); hooks on ``se.scale_activation`` still see
+            s, hooks on the SE module itself see the fused call. Stays unfused: the non-standard positions,
+            ``se_layer=`` modules, and branches with a drop-path or layer-scale step between the SE and the sum.
+            ``fuse=False`` gives ``x + se(F(x))`` with ``se(u) = u * s``, a multiply and then the add.
         inplace: modify ``model`` itself.
         divisor: round the hidden width C / r to a multiple of ``divisor`` (never below it), as timm's
             ``make_divisible``; then blocks narrower than r get an SE too. None: C // r, the paper's width.
@@ -249,6 +256,8 @@ def add_se(
     _check_options(reduction, init, options)
     if divisor is not None and (not isinstance(divisor, int) or isinstance(divisor, bool) or divisor < 1):
         raise SurgeryError(f"divisor must be None or an integer >= 1 (timm rounds SE widths to 8); got {divisor!r}")
+    if not isinstance(fuse, bool):
+        raise SurgeryError(f"fuse must be True or False; got {fuse!r}")
     leaves = _leaf_names(model, leaf_modules)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
@@ -278,6 +287,10 @@ def add_se(
             )
         if found:
             plans[owner] = (graph, found)
+    held = _fused_owners(modules, probe.owners, leaves, skipped)
+    forward = probe.owners if not held else sorted([*probe.owners, *held], key=list(probe.inputs).index)
+    if skipped:
+        logger.warning("add_se skipped %s", _grouped(skipped))
     if not plans:
         if skipped or failed:
             raise SurgeryError(
@@ -291,7 +304,7 @@ def add_se(
             "none. If a block was listed in leaf_modules=, drop it from there; where= only chooses among residual "
             "blocks, so it cannot create one."
         )
-    paper = paper_names_for(plans)
+    paper = paper_names_for(o for o in forward if o in plans or o in held)
     keep = _where_filter(where, paper)
     plans = {owner: plan for owner, plan in plans.items() if keep(owner)}
     if not plans:
@@ -335,9 +348,10 @@ def add_se(
             se = _make_se(p.channels, reduction, init, like, owner, options, divisor)
             se._se_surgery = {  # marks the blocks add_se made (remove_se never touches others), survives copies
                 "paper_name": paper[owner] + (f"_{k + 1}" if k else ""),
-                "order": (probe.owners.index(owner), k),  # forward order of the sums
+                "order": (forward.index(owner), k),  # forward order of the sums
                 "replaced_none": getattr(modules[owner], name.rpartition(".")[2], 0) is None,
                 **described,
+                "fused": fuse and se_layer is None and _fusable(p, position),
             }
             blocks[owner].append((p, name, se))
 
@@ -348,6 +362,9 @@ def add_se(
             leaf = name.rpartition(".")[2]
             block.__dict__.pop(leaf, None)  # timm blocks hold `self.se = None` when built without attention
             block.add_module(leaf, se)
+            if se._se_surgery["fused"]:
+                _fuse(p.residual, leaf, block)
+                continue
             # after a placeholder (SE-PRE on the block's input) the SE goes just before its first reader
             spot = graph.inserting_before(p.readers[0]) if p.after.op == "placeholder" else graph.inserting_after(p.after)
             with spot:
@@ -391,11 +408,15 @@ def _placements(
     return placed
 
 
+_WROTE_INTO = "se_surgery_wrote_into"  # node.meta key: the operand an in-place sum wrote into
+
+
 def _make_out_of_place(graph: fx.Graph, add: fx.Node) -> None:
     """``out.add_(x)`` / ``out += x`` -> ``s = out + x``, later readers of ``out`` reading ``s``.
 
     An in-place sum mutates its first operand; once the SE scales the branch, that operand is no longer the tensor
-    later nodes read, so the mutation is made explicit in the graph (same values, in the same order).
+    later nodes read, so the mutation is made explicit in the graph (same values, in the same order). The operand
+    it wrote into is kept in ``add.meta``: a fused SE may write its sum there too.
     """
     in_place = (add.op == "call_method" and add.target in ("add_", "__iadd__")) or (
         add.op == "call_function" and add.target is operator.iadd
@@ -403,10 +424,63 @@ def _make_out_of_place(graph: fx.Graph, add: fx.Node) -> None:
     if not in_place:
         return
     mutated = add.args[0]
+    add.meta[_WROTE_INTO] = mutated
     order = {n: i for i, n in enumerate(graph.nodes)}
     add.target = "add" if add.op == "call_method" else operator.add
     for user in [u for u in mutated.users if order[u] > order[add]]:
         user.replace_input_with(mutated, add)
+
+
+def _fusable(p: Placement, position: Position) -> bool:
+    """Whether the standard SE of ``p`` can run fused with its sum: the branch feeds a plain two-operand add."""
+    r = p.residual
+    return (
+        position == "standard"
+        and p.after is r.branch
+        and p.readers == (r.add,)
+        and len(r.add.args) == 2
+        and not r.add.kwargs
+        and set(r.add.args) == {r.branch, r.skip}
+    )
+
+
+def _fresh(module: nn.Module) -> bool:
+    """Whether ``module`` returns a tensor of its own (a norm, convolution or linear layer, or a Sequential ending in
+    one), not its input or a view of another tensor."""
+    if isinstance(module, nn.Sequential):
+        return len(module) > 0 and _fresh(module[-1])
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.modules.conv._ConvNd, nn.Linear))
+
+
+def _fuse(r: Residual, leaf: str, block: nn.Module) -> None:
+    """``branch + skip`` -> ``self.<leaf>(branch, skip, overwrite)``: the SE computes ``skip + branch * s`` in one pass.
+
+    The add node itself becomes the SE call, so other placements that read the sum keep a valid node. ``overwrite``
+    (the sum may be written into the branch tensor when autograd is off, as torchvision's ``out += identity`` does):
+    the block's own sum wrote into it, or nothing but the sum reads it and it is the fresh output of a norm / conv.
+    """
+    add, branch = r.add, r.branch
+    overwrite = add.meta.get(_WROTE_INTO) is branch or (
+        len(branch.users) == 1 and branch.op == "call_module" and _fresh(block.get_submodule(branch.target))
+    )
+    add.op, add.target = "call_module", leaf
+    add.args, add.kwargs = (r.branch, r.skip, overwrite), {}
+
+
+def _fused_owners(
+    modules: dict[str, nn.Module], owners: list[str], leaves: set[str], skipped: list[tuple[str, Skipped]]
+) -> list[str]:
+    """Blocks whose sums all run fused inside an SE of ours (so the probe saw no sum there), each fused sum added
+    to ``skipped``: such a block holds an SE already, and still counts when blocks are numbered."""
+    held = []
+    for owner, module in modules.items():
+        if owner in owners or owner in leaves or not is_rewritten(module) or not _se_leaves(module):
+            continue
+        graph = trace_module(module, owner)
+        fused = [n for n in graph.nodes if n.op == "call_module" and n.target in _se_leaves(module) and len(n.args) > 1]
+        skipped.extend((owner, Skipped(n, "its block already holds an SE from add_se")) for n in fused)
+        held += [owner] if fused else []
+    return held
 
 
 def _free_se_names(module: nn.Module, owner: str, count: int) -> list[str]:
@@ -472,8 +546,11 @@ def remove_se(model: nn.Module, names: Iterable[str] | None = None, *, inplace: 
         graph = trace_module(block, owner)  # its generated forward, SE calls included, children as leaves
         for leaf in leaves:
             (node,) = [n for n in graph.nodes if n.op == "call_module" and n.target == leaf]
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
+            if len(node.args) > 1:  # fused: se(branch, skip, overwrite) -> branch + skip
+                node.op, node.target, node.args = "call_function", operator.add, node.args[:2]
+            else:
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
             replaced_none = getattr(block, leaf)._se_surgery["replaced_none"]
             delattr(block, leaf)
             if replaced_none:
