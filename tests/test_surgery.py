@@ -375,8 +375,8 @@ def test_two_sums_in_one_block_get_se_and_se_1_in_forward_order():
     se = add_se(base, reduction=2).eval()
     assert list(se_blocks(se)) == ["1.se", "1.se_1"]
     seen = {}
-    for name, block in se_blocks(se).items():
-        block.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, args[0]))
+    for name, block in se_blocks(se).items():  # a copy: in inference the fused SE writes the sum into u's storage
+        block.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0].clone()))
     with torch.no_grad():
         se(X)
         stem = se[0](X)

@@ -228,8 +228,9 @@ def add_se(
         fuse: fuse the standard SE with its residual sum, ``skip + u * s`` in one pass (``torch.addcmul``, the
             Caffe SENet's Axpy layer; the block calls ``se(u, skip)``) instead of ``se(u)`` and then the sum. Same
             parameters, state_dict keys and outputs (to float rounding); hooks on ``se.scale_activation`` still see
-            s, hooks on the SE module itself see the fused call. Stays unfused: the non-standard positions,
-            ``se_layer=`` modules, and branches with a drop-path or layer-scale step between the SE and the sum.
+            s, hooks on the SE module itself see the fused call (in inference the sum may be written into u's
+            storage, as ``out += identity`` does: a hook that keeps u must clone it). Stays unfused: the non-standard
+            positions, ``se_layer=`` modules, and branches with a drop-path or layer-scale step between the SE and the sum.
             ``fuse=False`` gives ``x + se(F(x))`` with ``se(u) = u * s``, a multiply and then the add.
         inplace: modify ``model`` itself.
         divisor: round the hidden width C / r to a multiple of ``divisor`` (never below it), as timm's
@@ -289,8 +290,6 @@ def add_se(
             plans[owner] = (graph, found)
     held = _fused_owners(modules, probe.owners, leaves, skipped)
     forward = probe.owners if not held else sorted([*probe.owners, *held], key=list(probe.inputs).index)
-    if skipped:
-        logger.warning("add_se skipped %s", _grouped(skipped))
     if not plans:
         if skipped or failed:
             raise SurgeryError(

@@ -97,9 +97,11 @@ class SELayer(SqueezeExcitation):
         """u scaled channel-wise by its gate, ``u * s``; given the residual unit's ``skip``, ``skip + u * s``.
 
         The second form is the standard SE fused with its residual sum: one pass (``torch.addcmul``) instead of a
-        multiply and then an add over the whole tensor. With ``overwrite`` (the block's own sum wrote into u, like
-        torchvision's ``out += identity``) and autograd off, the result is written into u, as that sum did, which
-        saves allocating a fresh tensor; with autograd on, u is kept for the gradient of s.
+        multiply and then an add over the whole tensor. With ``overwrite`` (add_se sets it when u is a fresh layer
+        output that nothing else in the block reads, or the block's own sum wrote into it, like torchvision's
+        ``out += identity``) and autograd off, the result is written into u, which saves allocating a fresh tensor;
+        a hook that keeps u (or the output of the layer that made it) must then clone it. With autograd on, u is
+        kept for the gradient of s.
         """
         s = self.gate(u)
         if skip is None:
