@@ -11,9 +11,7 @@ The evaluation preprocessing is the model's own: timm's pretrained config (``res
 
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,21 +77,16 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load the ``state_dict`` in ``path`` into ``model`` (strict), reading the file with ``weights_only=True``.
 
     Raises:
-        AnalysisError: a missing, damaged or non-state_dict file; a file carrying code (refused, never run); keys or
-            shapes that do not match the model (the first mismatches are named).
+        CheckpointError: a missing or damaged file, or one carrying code (refused, never run).
+        AnalysisError: not a state_dict; keys or shapes that do not match the model (the first mismatches named).
     """
+    from se_surgery.train.checkpoint import load_plain
+
     path = Path(path)
-    if not path.is_file():
-        raise AnalysisError(f"no weights file at {path}: pass --weights a state_dict saved with torch.save")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise AnalysisError(
-            f"{path} holds Python objects besides tensors ({str(err).splitlines()[0][:120]}): refusing to run its "
-            "code; save the weights alone with torch.save(model.state_dict(), FILE)"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise AnalysisError(f"{path} is damaged or not a torch file ({str(err).splitlines()[0][:120]})") from None
+    payload = load_plain(
+        path, missing="pass --weights a state_dict saved with torch.save", what="weights file",
+        unsafe="save the weights alone with torch.save(model.state_dict(), FILE)", damaged="save the weights again",
+    )
     state = _state_dict(payload, path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]

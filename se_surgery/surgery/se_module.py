@@ -65,7 +65,7 @@ class SELayer(SqueezeExcitation):
         bias: bool = True,
     ) -> None:
         super().__init__(channels, hidden, scale_activation=EXCITATIONS[excitation])
-        self.avgpool = SQUEEZES[squeeze](1) if squeeze != "none" else nn.Identity()
+        self.avgpool = SQUEEZES[squeeze](1)  # nn.Identity for NoSqueeze
         if not bias:
             self.fc1 = nn.Conv2d(channels, hidden, 1, bias=False)
             self.fc2 = nn.Conv2d(hidden, channels, 1, bias=False)

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import CheckpointError, SurgeryError, TrainError
 from .models import build_model
 
-__all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint"]
+__all__ = ["load_plain", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,32 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return path
 
 
+def load_plain(
+    path: str | os.PathLike, map_location: Any = "cpu", *, missing: str, unsafe: str, damaged: str,
+    what: str = "file",
+) -> Any:
+    """``torch.load(path, weights_only=True)``, each failure one line that ends in the caller's advice.
+
+    A file that carries code is refused before any of it runs (``weights_only``); ``missing``, ``unsafe`` and
+    ``damaged`` say what to do about a missing file, such a file, and a truncated or non-torch one.
+
+    Raises:
+        CheckpointError: one of those three.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no {what} at {path}: {missing}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError for code; a truncated zip, or not a torch file at all, otherwise
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError):
+            raise CheckpointError(
+                f"{path} holds more than tensors and plain data ({first}); refusing to run its code: {unsafe}"
+            ) from None
+        raise CheckpointError(f"{path} is damaged or not a torch {what} ({first}): {damaged}") from None
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """The raw payload of an se-surgery checkpoint, read with ``weights_only=True``.
 
@@ -57,21 +83,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         CheckpointError: missing, truncated, not plain data, or not an se-surgery checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: check the path (a run folder holds last.pt and best.pt)")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path} holds more than tensors and plain data ({first}); refusing to run its code: "
-            "re-save its state_dict with plain data, or use a checkpoint written by se_surgery.train"
-        ) from None
-    except Exception as e:  # truncated zip, not a torch file at all, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path} is damaged or not a torch checkpoint ({first}): use another one (e.g. best.pt) or retrain"
-        ) from None
+    payload = load_plain(
+        path, map_location, missing="check the path (a run folder holds last.pt and best.pt)",
+        unsafe="re-save its state_dict with plain data, or use a checkpoint written by se_surgery.train",
+        damaged="use another one (e.g. best.pt) or retrain", what="checkpoint",
+    )
     if not isinstance(payload, dict) or "model_config" not in payload or "model" not in payload:
         raise CheckpointError(
             f"{path} is not an se-surgery checkpoint (no model_config/model): load it with torch.load, "
