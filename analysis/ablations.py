@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from analysis.errors import AnalysisError
+from se_surgery.cli import run_cli
 
 __all__ = ["TABLES", "Variant", "main", "sweep"]
 
@@ -286,23 +287,23 @@ def base_recipe(trainer_args: Sequence[str]) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from se_surgery.errors import CheckpointError, DataError, SurgeryError, TrainError
+    """``python -m analysis.ablations``: 0, 2 with one line on stderr on bad input, 130 on Ctrl-C."""
+    return run_cli(_main, argv, prog="python -m analysis.ablations")
 
+
+def _main(argv: Sequence[str] | None) -> int:
     plt.switch_backend("Agg")  # a CLI writes files; never open a window
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     tables = list(TABLES) if args.table == ALL else [args.table]
-    try:
-        recipe = base_recipe(rest)
-        names = [v.strip() for v in args.variants.split(",")] if args.variants else None
-        known = {v.name for t in tables for v in TABLES[t][1]}
-        unknown = sorted(set(names or []) - known)
-        if unknown:
-            raise AnalysisError(f"unknown variant(s) {', '.join(unknown)}: use any of {', '.join(sorted(known))}")
-        frame = sweep(tables, recipe, args.out, variants=names, progress=not args.no_progress)
-    except (AnalysisError, CheckpointError, DataError, SurgeryError, TrainError) as err:
-        parser.exit(2, f"{parser.prog}: error: {str(err).strip().splitlines()[-1]}\n")
+    recipe = base_recipe(rest)
+    names = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    known = {v.name for t in tables for v in TABLES[t][1]}
+    unknown = sorted(set(names or []) - known)
+    if unknown:
+        raise AnalysisError(f"unknown variant(s) {', '.join(unknown)}: use any of {', '.join(sorted(known))}")
+    frame = sweep(tables, recipe, args.out, variants=names, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(markdown(frame[frame["table"].isin(tables)]))
         print(f"wrote {args.out}/: ablations.csv ablations.md ablations.png ablations.pdf")

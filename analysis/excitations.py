@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 from analysis.ablation import LAST_STAGE, ablate, ablation_blocks  # noqa: E402
 from analysis.capture import capture_excitations, find_gates, model_paper_names  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
+from se_surgery.cli import run_cli  # noqa: E402
 from analysis.foreign import Preprocess, build_foreign_model, imagenet_words, load_weights, model_transform  # noqa: E402
 from analysis.excitation_stats import resolve_classes, select_blocks  # noqa: E402
 from analysis.protocol import PAPER_CHANNELS, PAPER_PER_CLASS, paper_blocks, sample_channels  # noqa: E402
@@ -304,14 +305,13 @@ def run(args: argparse.Namespace) -> Result:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from se_surgery.errors import CheckpointError, DataError, SurgeryError
+    """``python -m analysis.excitations``: 0, 2 with one line on stderr on bad input, 130 on Ctrl-C."""
+    return run_cli(_main, argv, prog="python -m analysis.excitations")
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        summary, metrics, ablation, out = run(args)
-    except (AnalysisError, CheckpointError, DataError, SurgeryError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    summary, metrics, ablation, out = run(args)
     facts = summary["run"]
     print(f"{facts['arch']} on {facts['data']} ({facts['split']}): {len(facts['classes'])} classes, "
           f"{sum(facts['images_per_class'].values())} images, {facts['blocks']} SE blocks, {facts['seconds']} s")

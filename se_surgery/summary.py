@@ -13,7 +13,7 @@ import sys
 import types
 from typing import Any
 
-from .errors import SurgeryError
+from .cli import run_cli
 from .surgery.cost import PAPER, Summary, paper_tables, summary
 from .surgery.positions import POSITIONS
 from .surgery.se_module import EXCITATIONS, SQUEEZES
@@ -61,7 +61,12 @@ def _print_paper_tables(rows: list[dict[str, Any]], size: int) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """``python -m se_surgery.summary``: 0, or 2 with one line on stderr for a model the surgery refuses."""
+    return run_cli(_main, argv, prog="python -m se_surgery.summary")
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m se_surgery.summary",
         description="Parameters and multiply-adds of a model and its SE version, next to the SENet paper.",
@@ -87,10 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     options = {"where": args.where, "position": args.position, "squeeze": args.squeeze,
                "excitation": args.excitation, "bias": args.bias}
-    try:
-        result = summary(make_base(), size, reduction=args.reduction, **options)
-    except SurgeryError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")  # one line, no traceback
+    result = summary(make_base(), size, reduction=args.reduction, **options)
     changed = ", ".join(f"{k}={v}" for k, v in options.items() if parser.get_default(k) != v)
     print(f"{args.arch} -> SE-{args.arch}, r={args.reduction}{', ' + changed if changed else ''}, "
           f"{args.input_size}x{args.input_size} input\n")
@@ -115,4 +117,4 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

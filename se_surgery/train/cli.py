@@ -7,16 +7,17 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import typing
 from pathlib import Path
 
-from ..errors import CheckpointError, DataError, SurgeryError, TrainError
+from ..cli import run_cli
 from .loop import train
 from .recipe import PAPER, RECIPES, Recipe, get_recipe
 from .resume import ResumePoint, resolve_resume
 
 __all__ = ["main", "build_parser"]
+
+PROG = "python -m se_surgery.train"
 
 _EXAMPLES = """\
 examples:
@@ -44,7 +45,7 @@ def _flag_type(hint: typing.Any) -> typing.Any:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m se_surgery.train",
+        prog=PROG,
         description="Retrain an SE network the SENet paper's way (SGD, class-aware sampling, step decay).",
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -86,15 +87,16 @@ def _recipe_from(args: argparse.Namespace) -> tuple[Recipe, ResumePoint]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m se_surgery.train``: 0 when the run finished, 2 (one line on stderr) on bad input, 130 on Ctrl-C."""
+    return run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    try:
-        recipe, start = _recipe_from(args)
-        out = train(recipe, args.out, resume=start, tensorboard=args.tensorboard, progress=not args.no_progress)
-    except (TrainError, DataError, CheckpointError, SurgeryError) as e:
-        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return 2
+    recipe, start = _recipe_from(args)
+    out = train(recipe, args.out, resume=start, tensorboard=args.tensorboard, progress=not args.no_progress)
     if rank == 0:
         lines = (out / "metrics.jsonl").read_text().splitlines()
         best = max((json.loads(line)["val_top1"] for line in lines), default=float("nan"))

@@ -1,0 +1,61 @@
+"""The one way every command line of the project ends on an error: one line on stderr, no traceback.
+
+``python -m se_surgery.train``, ``python -m se_surgery.summary``, ``python -m analysis.excitations`` and
+``python -m analysis.ablations`` all run their ``main`` through :func:`run_cli`:
+
+- an :class:`~se_surgery.errors.SESurgeryError` (what is wrong + what to do) -> ``PROG: error: ...``, exit 2
+  (:class:`~se_surgery.errors.Interrupted`: exit 130);
+- Ctrl-C anywhere else -> ``PROG: interrupted``, exit 130;
+- an ``OSError`` from the file system (a read-only or full disk, a path that is a file) -> the path and the reason,
+  exit 2.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import Interrupted, SESurgeryError
+
+__all__ = ["run_cli", "one_line"]
+
+_OS_ADVICE = {
+    errno.ENOSPC: "free some disk space (or pick another --out) and run the command again",
+    errno.EDQUOT: "free some disk quota (or pick another --out) and run the command again",
+    errno.EACCES: "pick a folder you can write to, or fix its permissions",
+    errno.EPERM: "pick a folder you can write to, or fix its permissions",
+    errno.EROFS: "the file system is read-only: pick a folder on a writable one",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: pick another path",
+    errno.EEXIST: "the path exists and is not a folder: pick another path",
+    errno.EISDIR: "the path is a folder, not a file: name the file inside it",
+    errno.ENOENT: "check the path",
+}
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message with its white space folded onto one line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _describe_os_error(error: OSError) -> str:
+    where = f" {error.filename}" if error.filename else ""
+    advice = _OS_ADVICE.get(error.errno, "check the path and the disk")
+    return f"cannot use{where} ({error.strerror or error}): {advice}"
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, *,
+            prog: str) -> int:
+    """Run a CLI's ``main(argv)`` and turn what it raises into one line and an exit code (0 when it returns None)."""
+    try:
+        return int(main(argv) or 0)
+    except SESurgeryError as error:
+        prefix = "" if isinstance(error, Interrupted) else "error: "
+        print(f"{prog}: {prefix}{one_line(error)}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:
+        print(f"{prog}: error: {_describe_os_error(error)}", file=sys.stderr)
+        return 2
