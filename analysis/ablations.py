@@ -8,8 +8,14 @@ once and shared by every table that has it), ``ablations.csv``, ``ablations.md``
 and ``ablations.{png,pdf}``. A sweep resumes where it stopped: a variant with a row in ``ablations.csv`` is never
 trained again, and a half-trained one continues from its ``last.pt``.
 
-The paper's numbers are SE-ResNet-50 on ImageNet (``design.md`` section 3): parameters in millions, GFLOPs
-(multiply-adds) and top-1 error (%), where the paper gives them.
+On a cluster, ``--print-commands`` prints one trainer command per run folder (for a job array or any scheduler) and
+trains nothing; once the jobs have run, ``--collect`` measures the run folders that have finished, writes the same
+three files, and names the runs still missing. Both record the base recipe in ``sweep.json`` like a sweep, so the
+commands, the collection and an in-process sweep of one folder agree on it.
+
+Every table also has the no-SE baseline (``no-se``, trained once and shared, like the standard SE). The paper's
+numbers are SE-ResNet-50 (and ResNet-50 for the baseline) on ImageNet, from its Tables 10-16: parameters in
+millions, GFLOPs (multiply-adds) and top-1 error (%), where the paper gives them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +38,7 @@ import pandas as pd
 from analysis.errors import AnalysisError
 from se_surgery.cli import run_cli
 
-__all__ = ["TABLES", "Variant", "main", "sweep"]
+__all__ = ["TABLES", "Variant", "collect", "commands", "main", "sweep"]
 
 SE_TOP1_ERR = 22.28  # the standard SE-ResNet-50 of the ablation runs (Tables 11, 12, 14-16)
 
@@ -47,24 +54,26 @@ class Variant:
     paper_gmacs: float | None = None
 
 
+# ResNet-50 without SE: 25.6M parameters and 3.86 GFLOPs (Tables 13 and 16). Its top-1 error is not taken from Table 2
+# (24.80: the main results' training, not the bias-free ablation runs of Tables 10-16), so none is shown.
 NO_SE = Variant("no SE (ResNet-50)", {"se": False}, None, 25.6, 3.86)
 TABLES: dict[str, tuple[str, list[Variant]]] = {
-    "reduction": ("Table 10: reduction ratio r", [
+    "reduction": ("Table 10: reduction ratio r", [NO_SE, *(
         Variant(f"r={r}", {"reduction": r}, None, p) for r, p in ((2, 45.7), (4, 35.7), (8, 30.7), (16, 28.1), (32, 26.9))
-    ]),
+    )]),
     "squeeze": ("Table 11: squeeze operator", [
-        Variant("avg", {"squeeze": "avg"}, SE_TOP1_ERR), Variant("max", {"squeeze": "max"}, 22.57)]),
+        NO_SE, Variant("avg", {"squeeze": "avg"}, SE_TOP1_ERR), Variant("max", {"squeeze": "max"}, 22.57)]),
     "excitation": ("Table 12: excitation operator", [
-        Variant("relu", {"excitation": "relu"}, 23.47), Variant("tanh", {"excitation": "tanh"}, 23.00),
+        NO_SE, Variant("relu", {"excitation": "relu"}, 23.47), Variant("tanh", {"excitation": "tanh"}, 23.00),
         Variant("sigmoid", {"excitation": "sigmoid"}, SE_TOP1_ERR)]),
     "stage": ("Table 13: SE in one stage", [
         NO_SE, Variant("SE stage 2", {"where": ["2"]}, None, 25.6), Variant("SE stage 3", {"where": ["3"]}, None, 25.7),
         Variant("SE stage 4", {"where": ["4"]}, None, 26.4), Variant("SE all", {}, None, 28.1)]),
     "integration": ("Table 14: integration strategy", [
-        Variant("SE", {"position": "standard"}, SE_TOP1_ERR), Variant("SE-PRE", {"position": "pre"}, 22.23),
+        NO_SE, Variant("SE", {"position": "standard"}, SE_TOP1_ERR), Variant("SE-PRE", {"position": "pre"}, 22.23),
         Variant("SE-POST", {"position": "post"}, 22.78), Variant("SE-Identity", {"position": "identity"}, 22.20)]),
     "3x3": ("Table 15: SE on the 3x3 convolution", [
-        Variant("SE", {}, SE_TOP1_ERR, 28.1), Variant("SE 3x3", {"position": "3x3"}, 22.48, 25.8)]),
+        NO_SE, Variant("SE", {}, SE_TOP1_ERR, 28.1), Variant("SE 3x3", {"position": "3x3"}, 22.48, 25.8)]),
     "nosqueeze": ("Table 16: NoSqueeze", [
         NO_SE, Variant("NoSqueeze", {"squeeze": "none"}, 22.93, 28.1, 4.27), Variant("SE", {}, SE_TOP1_ERR, 28.1, 3.87)]),
 }
@@ -76,20 +85,54 @@ DIGITS_SWEEP = {"epochs": 4, "lr_step": 3, "num_samples": 960}
 
 COLUMNS = ["table", "variant", "run", "params", "macs", "top1", "top5", "seconds", "epochs",
            "paper_top1_err", "paper_params_m", "paper_gmacs"]
+_NUMERIC = ["params", "macs", "top1", "top5", "seconds", "epochs"]
+# What a run may differ in from its variant's recipe and still be that variant: speed and checkpointing options.
+_MACHINERY = ("workers", "amp", "channels_last", "compile", "sync_bn", "ckpt_every", "eval_batch_size", "epochs")
+TRAINER = "se_surgery.train"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One variant of one table: its run folder and the recipe trained there."""
+
+    table: str
+    variant: Variant
+    run: Path
+    recipe: Any
+
+
+def _changed(overrides: dict[str, Any], base: Any) -> dict[str, Any]:
+    return {k: v for k, v in overrides.items() if getattr(base, k) != v}
 
 
 def _run_name(overrides: dict[str, Any], base: Any) -> str:
     """The run folder of a variant: the recipe fields it changes from ``base`` (``se`` = the standard SE)."""
-    changed = {k: v for k, v in overrides.items() if getattr(base, k) != v}
+    changed = _changed(overrides, base)
     if changed.get("se") is False:
         return "no-se"
     parts = [f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(changed.items())]
     return "se" + "".join(f"_{p}" for p in parts)
 
 
+def plan(tables: Sequence[str], recipe: Any, out: Path, variants: Sequence[str] | None = None) -> list[Planned]:
+    """Every variant of ``tables`` (only ``variants``, if given), in table order, with its run folder and recipe."""
+    return [Planned(table, v, out / _run_name(v.overrides, recipe), dataclasses.replace(recipe, **v.overrides))
+            for table in tables for v in TABLES[table][1] if not variants or v.name in variants]
+
+
+def _epochs_done(run: Path) -> int:
+    """The last finished epoch in ``run/metrics.jsonl`` (0: none; a torn last line counts as not written)."""
+    path, done = run / "metrics.jsonl", 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            done = max(done, int(json.loads(line)["epoch"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done
+
+
 def _finished(run: Path, epochs: int) -> bool:
-    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-    return any(json.loads(line)["epoch"] >= epochs for line in lines if line.strip())
+    return _epochs_done(run) >= epochs
 
 
 def _measure(run: Path, recipe: Any) -> dict[str, Any]:
@@ -110,6 +153,12 @@ def _measure(run: Path, recipe: Any) -> dict[str, Any]:
     }
 
 
+def _row(item: Planned) -> dict[str, Any]:
+    v = item.variant
+    return {"table": item.table, "variant": v.name, "run": item.run.name, **_measure(item.run, item.recipe.resolved()),
+            "paper_top1_err": v.paper_top1_err, "paper_params_m": v.paper_params_m, "paper_gmacs": v.paper_gmacs}
+
+
 def _check_surgery_supports(variant: Variant) -> None:
     """Refuse, before any training, a variant that this version of :func:`se_surgery.add_se` cannot build."""
     import inspect
@@ -122,19 +171,65 @@ def _check_surgery_supports(variant: Variant) -> None:
     missing = [k for k in needed if k not in accepted]
     if missing:
         raise AnalysisError(f"variant {variant.name!r} needs add_se({', '.join(f'{k}=...' for k in missing)}), which "
-                            "this version of se_surgery does not have (the paper's SE variants, issue 9)")
+                            "this version of se_surgery does not have: install a version with the paper's SE "
+                            "variants, or pick another --table")
+
+
+def _read_sweep_json(out: Path) -> dict[str, Any] | None:
+    """The base recipe recorded in ``out/sweep.json`` (``None``: no such file); a damaged one is refused."""
+    path = out / "sweep.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        problem = None if isinstance(saved, dict) else f"JSON, but a {type(saved).__name__}, not a recipe's object"
+    except ValueError:  # a JSONDecodeError, or bytes that are not UTF-8
+        problem = "not JSON"
+    if problem:
+        raise AnalysisError(f"{path} is not a sweep's recipe ({problem}): delete it if the run folders in {out} were "
+                            "trained with these flags (the next command records them again), or pick another --out")
+    return saved
 
 
 def _check_same_recipe(out: Path, recipe: Any) -> None:
-    """A sweep folder holds runs of one base recipe: refuse to mix in runs of another."""
-    path = out / "sweep.json"
-    saved = json.loads(path.read_text()) if path.exists() else None
+    """A sweep folder holds runs of one base recipe: refuse to mix in runs of another; record it in sweep.json."""
+    saved = _read_sweep_json(out)
     mine = json.loads(json.dumps(recipe.to_dict()))
     if saved is not None and saved != mine:
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         raise AnalysisError(f"{out} holds a sweep of another recipe ({', '.join(diff)} differ): pass the same trainer "
                             "flags to resume it, or another --out")
-    path.write_text(json.dumps(mine, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(mine, indent=2) + "\n")
+
+
+def _read_rows(out: Path) -> list[dict[str, Any]]:
+    """The rows of ``out/ablations.csv`` (none if it does not exist); a damaged file is refused, not overwritten."""
+    csv = out / "ablations.csv"
+    if not csv.exists():
+        return []
+    fix = (f"move it away and run again: the finished runs in {out} are measured again from their folders, nothing "
+           "is retrained")
+    try:
+        frame = pd.read_csv(csv, dtype={"variant": str})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:  # EmptyDataError is a ValueError
+        raise AnalysisError(f"{csv} is not an ablations table ({' '.join(str(error).split())[:80]}): {fix}") from None
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise AnalysisError(f"{csv} is not an ablations table (no {', '.join(missing[:3])} column): {fix}")
+    unknown = sorted(set(frame["table"].astype(str)) - set(TABLES))
+    bad = [c for c in _NUMERIC if not pd.api.types.is_numeric_dtype(frame[c])]
+    if unknown or bad:
+        what = f"unknown table {unknown[0]!r}" if unknown else f"non-numeric {bad[0]}"
+        raise AnalysisError(f"{csv} is not an ablations table ({what}): {fix}")
+    return frame[COLUMNS].to_dict("records")
+
+
+def _merge(rows: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with each of ``new`` in place of the row of the same table and variant (appended if none)."""
+    key = {(r["table"], r["variant"]): r for r in new}
+    merged = [key.pop((r["table"], r["variant"]), r) for r in rows]
+    return merged + [r for r in new if (r["table"], r["variant"]) in key]
 
 
 def sweep(tables: Sequence[str], recipe: Any, out: Path, *, variants: Sequence[str] | None = None,
@@ -153,31 +248,112 @@ def sweep(tables: Sequence[str], recipe: Any, out: Path, *, variants: Sequence[s
     """
     from se_surgery.train import train
 
-    out.mkdir(parents=True, exist_ok=True)
     writer = int(os.environ.get("RANK", "0")) == 0
+    rows = _read_rows(out)
     if writer:
         _check_same_recipe(out, recipe)
-    csv = out / "ablations.csv"
-    rows = pd.read_csv(csv, dtype={"variant": str}).to_dict("records") if csv.exists() else []
+    out.mkdir(parents=True, exist_ok=True)
     done = {(r["table"], r["variant"]) for r in rows}
-    for table in tables:
-        for variant in TABLES[table][1]:
-            if (variants and variant.name not in variants) or (table, variant.name) in done:
-                continue
-            _check_surgery_supports(variant)
-            run = out / _run_name(variant.overrides, recipe)
-            varied = dataclasses.replace(recipe, **variant.overrides)
-            if not _finished(run, varied.epochs):
-                train(varied, run, resume="auto", progress=progress)
-            rows.append({"table": table, "variant": variant.name, "run": run.name, **_measure(run, varied.resolved()),
-                         "paper_top1_err": variant.paper_top1_err, "paper_params_m": variant.paper_params_m,
-                         "paper_gmacs": variant.paper_gmacs})
-            if writer:
-                _write(pd.DataFrame(rows, columns=COLUMNS), out)
+    todo = [item for item in plan(tables, recipe, out, variants) if (item.table, item.variant.name) not in done]
+    for item in todo:
+        _check_surgery_supports(item.variant)
+    for item in todo:
+        if not _finished(item.run, item.recipe.epochs):
+            train(item.recipe, item.run, resume="auto", progress=progress)
+        rows.append(_row(item))
+        if writer:
+            _write(pd.DataFrame(rows, columns=COLUMNS), out)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     if writer and rows:
         _write(frame, out)
     return frame
+
+
+def _why_not_done(item: Planned) -> str | None:
+    """``None`` for a run that has finished its variant's recipe, else what it lacks."""
+    run, epochs = item.run, item.recipe.epochs
+    if not run.exists():
+        return "missing"
+    done = _epochs_done(run)
+    if done < epochs:
+        return f"unfinished ({done} of {epochs} epochs)"
+    if not (run / "last.pt").exists():
+        return "unfinished (no last.pt)"
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return "unfinished (no readable config.json)"
+    expected = json.loads(json.dumps(item.recipe.resolved().to_dict()))
+    differ = sorted(k for k in expected if k not in _MACHINERY and config.get(k) != expected[k])
+    if differ:
+        return f"trained with another recipe ({', '.join(differ)} differ; move it away and train it again)"
+    return None
+
+
+def collect(tables: Sequence[str], recipe: Any, out: Path, *,
+            variants: Sequence[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Measure the finished run folders of ``tables`` (trained e.g. by :func:`commands` on a scheduler) and write
+    ``ablations.csv``/``.md``/``.png``/``.pdf``; train nothing.
+
+    Returns:
+        Every row of ``ablations.csv`` (earlier ones of other variants kept), and one line per run folder that is
+        missing or unfinished (naming its variants), in plan order.
+    """
+    if not out.is_dir():
+        raise AnalysisError(f"{out} is not a sweep folder: run --print-commands (and the commands) or a sweep first")
+    rows = _read_rows(out)
+    _check_same_recipe(out, recipe)
+    new, missing = [], {}
+    for item in plan(tables, recipe, out, variants):
+        why = _why_not_done(item)
+        if why is None:
+            new.append(_row(item))
+        else:
+            missing.setdefault((why, item.run), []).append(f"{item.table} {item.variant.name}")
+    rows = _merge(rows, new)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    if rows:
+        _write(frame, out)
+    return frame, [f"{why}: {run} ({'; '.join(names)})" for (why, run), names in missing.items()]
+
+
+def _trainer_flag(name: str) -> argparse.Action:
+    from se_surgery.train.cli import build_parser as trainer_parser
+
+    return next(a for a in trainer_parser()._actions if a.dest == name)
+
+
+def _flags(name: str, value: Any) -> list[str]:
+    """The trainer's command-line tokens that set the recipe field ``name`` to ``value``."""
+    action = _trainer_flag(name)
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [next(f for f in action.option_strings if f.startswith("--no-") != bool(value))]
+    flag = action.option_strings[0]
+    if isinstance(value, (list, tuple)):
+        return [flag, *map(str, value)]
+    return [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+
+
+def commands(tables: Sequence[str], trainer_args: Sequence[str], out: Path, *,
+             variants: Sequence[str] | None = None, launcher: Sequence[str] = ("python",)) -> list[str]:
+    """One shell line per distinct run folder of ``tables``: the trainer command that trains exactly what
+    :func:`sweep` would train there (``trainer_args``, the :data:`DIGITS_SWEEP` defaults where they apply, the
+    variant's fields), with ``--resume auto`` so a rerun of a job continues it, and a comment naming its variants.
+
+    Args:
+        launcher: What runs ``-m se_surgery.train``: ``("python",)``, or e.g. ``("torchrun", "--nproc-per-node", "8")``.
+    """
+    args = _parse_trainer_flags(trainer_args)
+    recipe = base_recipe(trainer_args)
+    base = [*trainer_args, *(t for k, v in _sweep_defaults(args).items() for t in _flags(k, v))]
+    lines: dict[Path, tuple[list[str], list[str]]] = {}
+    for item in plan(tables, recipe, out, variants):
+        _check_surgery_supports(item.variant)
+        item.recipe.resolved()  # a value the trainer would refuse is refused here, before any job is queued
+        own = [t for k, v in _changed(item.variant.overrides, recipe).items() for t in _flags(k, v)]
+        tokens = [*launcher, "-m", TRAINER, "--out", str(item.run), "--resume", "auto", "--no-progress", *base, *own]
+        lines.setdefault(item.run, (tokens, []))[1].append(f"{item.table} {item.variant.name}")
+    return [f"{shlex.join(tokens)}  # {'; '.join(names)}" for tokens, names in lines.values()]
 
 
 def _write(frame: pd.DataFrame, out: Path) -> None:
@@ -234,8 +410,9 @@ def plot_ablations(frame: pd.DataFrame) -> plt.Figure:
             for ax in (err, params):
                 ax.set_xticks(list(x), group["variant"], rotation=30, ha="right", fontsize="small")
             params.plot(list(x), group["params"] / group["params"].min(), "o-", label="ours")
-            params.plot(list(x), group["paper_params_m"] / group["paper_params_m"].min(), "s--", color="grey",
-                        label="paper")
+            if group["paper_params_m"].notna().sum() > 1:  # the no-SE baseline alone is no comparison
+                params.plot(list(x), group["paper_params_m"] / group["paper_params_m"].min(), "s--", color="grey",
+                            label="paper")
             params.set_ylabel("params / smallest" if col == 0 else "")
             err.set_ylabel("ours: top-1 err (%)" if col == 0 else "")
         legends = [ax.get_legend_handles_labels() for ax in fig.axes]
@@ -255,10 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m analysis.ablations",
         description="Train the variants of the SENet paper's ablation Tables 10-16 with one recipe and seed, and "
                     "tabulate them beside the paper's numbers. Every other flag goes to python -m se_surgery.train "
-                    "(--data, --arch, --epochs, --batch-size, --no-bias, ...).",
-        epilog="examples:\n  python -m analysis.ablations --table reduction            # on the embedded digits\n"
+                    "(--data, --arch, --epochs, --batch-size, --no-bias, ...), except the ones the chosen table "
+                    "varies.",
+        epilog="examples:\n"
+               "  python -m analysis.ablations --table reduction            # on the embedded digits\n"
                "  torchrun --nproc-per-node 8 -m analysis.ablations --table all --data /data/imagenet --no-bias "
-               "--out runs/ablations-in1k",
+               "--out runs/ablations-in1k\n"
+               "\n"
+               "on a scheduler: one job per printed line (a job array: line $SLURM_ARRAY_TASK_ID), then collect:\n"
+               "  python -m analysis.ablations --table all --data /data/imagenet --no-bias --out runs/abl \\\n"
+               "         --print-commands --launcher 'torchrun --nproc-per-node 8' > jobs.txt\n"
+               "  sed -n \"${SLURM_ARRAY_TASK_ID}p\" jobs.txt | bash      # in each job of the array (1..N)\n"
+               "  python -m analysis.ablations --table all --out runs/abl --collect   # when they have run\n"
+               "Each line trains one run folder with --resume auto (a requeued job continues it); a relative --out\n"
+               "is relative to where the jobs run. --launcher replaces the lines' leading python (torchrun ...,\n"
+               "srun python, ...); the lines are shell-quoted, with a comment naming the variants of each folder.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--table", required=True, choices=[*TABLES, ALL], help="which paper table (all: every one)")
@@ -267,23 +455,69 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", help="comma-separated variant names of the table to run (default: all), "
                         "e.g. r=8,r=16")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--print-commands", action="store_true", help="train nothing: print one trainer command per "
+                      "run folder (a shell line, quoted, with a comment naming its variants) and record the recipe "
+                      "in OUT/sweep.json")
+    mode.add_argument("--collect", action="store_true", help="train nothing: measure the run folders that have "
+                      "finished, write ablations.csv/.md/.png/.pdf and name the missing ones (trainer flags may be "
+                      "left out: OUT/sweep.json has the recipe)")
+    parser.add_argument("--launcher", default="python", help="with --print-commands: what starts each trainer, "
+                        "before '-m se_surgery.train' (default: python), e.g. 'torchrun --nproc-per-node 8'")
     return parser
 
 
-def base_recipe(trainer_args: Sequence[str]) -> Any:
-    """The sweep's base recipe from the trainer's flags (the digits default :data:`DIGITS_SWEEP` under them)."""
+def _parse_trainer_flags(trainer_args: Sequence[str]) -> argparse.Namespace:
     from se_surgery.train.cli import build_parser as trainer_parser
-    from se_surgery.train.data import DIGITS
-    from se_surgery.train.recipe import Recipe, get_recipe
 
     args = trainer_parser().parse_args(list(trainer_args))
     if args.resume:
         raise AnalysisError("--resume: a sweep resumes by itself; run the same command again")
+    return args
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe fields set on the command line (the trainer's recipe flags default to 'not given')."""
+    from se_surgery.train.recipe import Recipe
+
     names = {f.name for f in dataclasses.fields(Recipe)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _sweep_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """The :data:`DIGITS_SWEEP` fields that apply (the digits with the demo recipe) and were not given."""
+    from se_surgery.train.data import DIGITS
+
+    given = _given(args)
+    if given.get("data", DIGITS) != DIGITS or args.recipe not in (None, "demo"):
+        return {}
+    return {k: v for k, v in DIGITS_SWEEP.items() if k not in given}
+
+
+def base_recipe(trainer_args: Sequence[str]) -> Any:
+    """The sweep's base recipe from the trainer's flags (the digits default :data:`DIGITS_SWEEP` under them)."""
+    from se_surgery.train.data import DIGITS
+    from se_surgery.train.recipe import get_recipe
+
+    args = _parse_trainer_flags(trainer_args)
+    overrides = _given(args)
     data = overrides.pop("data", DIGITS)
-    defaults = DIGITS_SWEEP if data == DIGITS and args.recipe in (None, "demo") else {}
-    return get_recipe(args.recipe, data, **{**defaults, **overrides})
+    return get_recipe(args.recipe, data, **{**_sweep_defaults(args), **overrides})
+
+
+def check_not_varied(tables: Sequence[str], trainer_args: Sequence[str]) -> None:
+    """Refuse a trainer flag that sets a field one of ``tables`` varies (every variant would override it)."""
+    given = _given(_parse_trainer_flags(trainer_args))
+    for table in tables:
+        for name in given:
+            if any(name in v.overrides for v in TABLES[table][1]):
+                flag = "/".join(_trainer_flag(name).option_strings)
+                number, what = TABLES[table][0].split(": ", 1)
+                if name == "se":
+                    raise AnalysisError(f"{flag} is what every table varies (each has the no-SE baseline row): drop "
+                                        "it; that row is trained once and shared by the tables")
+                raise AnalysisError(f"{flag} is what {number} ({what}) varies, each variant sets it: drop it, or pick "
+                                    "another --table")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -292,17 +526,49 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    from se_surgery.train.recipe import Recipe
+
     plt.switch_backend("Agg")  # a CLI writes files; never open a window
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     tables = list(TABLES) if args.table == ALL else [args.table]
-    recipe = base_recipe(rest)
     names = [v.strip() for v in args.variants.split(",")] if args.variants else None
     known = {v.name for t in tables for v in TABLES[t][1]}
     unknown = sorted(set(names or []) - known)
     if unknown:
         raise AnalysisError(f"unknown variant(s) {', '.join(unknown)}: use any of {', '.join(sorted(known))}")
+    launcher = shlex.split(args.launcher)
+    if not launcher:
+        raise AnalysisError("--launcher is empty: pass e.g. --launcher python or --launcher 'torchrun "
+                            "--nproc-per-node 8'")
+    check_not_varied(tables, rest)
+    saved = _read_sweep_json(args.out) if args.collect and not rest else None
+    recipe = Recipe.from_dict(saved) if saved is not None else base_recipe(rest)
+
+    if args.print_commands:
+        lines = commands(tables, rest, args.out, variants=names, launcher=launcher)
+        _read_rows(args.out)  # a damaged table is refused now, not when the jobs have run
+        _check_same_recipe(args.out, recipe)
+        print("\n".join(lines))
+        print(f"{len(lines)} trainer command(s) for {args.out} (its recipe is in {args.out / 'sweep.json'}); once they "
+              f"have run: python -m analysis.ablations --table {args.table} --out {shlex.quote(str(args.out))} "
+              "--collect", file=sys.stderr)
+        return 0
+    if args.collect:
+        frame, missing = collect(tables, recipe, args.out, variants=names)
+        shown = frame[frame["table"].isin(tables)]
+        if len(shown):
+            print(markdown(shown))
+            print(f"wrote {args.out}/: ablations.csv ablations.md ablations.png ablations.pdf")
+        for line in missing:
+            print(line)
+        runs = len({item.run for item in plan(tables, recipe, args.out, names)})
+        print(f"collected {runs - len(missing)} of {runs} run folder(s)"
+              + (f"; {len(missing)} missing or unfinished, listed above" if missing else "")
+              + ("" if len(shown) else "; nothing written yet"))
+        return 0
+
     frame = sweep(tables, recipe, args.out, variants=names, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(markdown(frame[frame["table"].isin(tables)]))
