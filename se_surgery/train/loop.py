@@ -36,6 +36,7 @@ from .metrics import MetricsWriter, topk_correct
 from .models import build_training_model
 from .recipe import Recipe
 from .resume import ResumePoint, apply_schedule_changes, check_same_model, resolve_resume
+from .run_lock import RunLock
 from .sampling import ClassAwareSampler, ShuffleSampler
 from .seeding import SeededDataset, SeededDraws, seed_of
 
@@ -83,7 +84,8 @@ def train(
     """
     env = setup()
     try:
-        return _train(recipe, Path(out), resume, tensorboard, progress, env)
+        with RunLock(out, env):  # one run per folder, released on any exit
+            return _train(recipe, Path(out), resume, tensorboard, progress, env)
     finally:
         teardown(env)
 

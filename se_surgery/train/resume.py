@@ -7,6 +7,7 @@ take them from the one :class:`ResumePoint` that :func:`resolve_resume` returns.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from ..errors import TrainError
 from .checkpoint import read_checkpoint
 from .recipe import Recipe
+from .run_lock import refuse_if_held
 
 __all__ = ["ResumePoint", "resolve_resume", "check_same_model", "apply_schedule_changes"]
 
@@ -45,12 +47,14 @@ def resolve_resume(resume: str | Path | ResumePoint | None, out: Path) -> Resume
         out: The run folder.
 
     Raises:
-        TrainError: ``resume`` is ``None`` but ``out`` already holds a run.
+        TrainError: another trainer holds ``out``, or ``resume`` is ``None`` but ``out`` already holds a run.
         CheckpointError: the checkpoint is missing (an explicit path), damaged or foreign.
     """
     if isinstance(resume, ResumePoint):
         return resume
     out = Path(out)
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 holds the lock; the other ranks would see their own job's
+        refuse_if_held(out)
     if resume is None:
         for name in ("config.json", "last.pt", "metrics.jsonl"):
             if (out / name).exists():
