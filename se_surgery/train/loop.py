@@ -35,7 +35,7 @@ from .distributed import Env, all_sum, broadcast_buffers, check_replicas_in_sync
 from .metrics import MetricsWriter, topk_correct
 from .models import build_training_model
 from .recipe import Recipe
-from .resume import ResumePoint, apply_schedule_changes, check_same_model, resolve_resume
+from .resume import ResumePoint, apply_schedule_changes, check_resume_changes, check_same_model, resolve_resume
 from .run_lock import RunLock
 from .sampling import ClassAwareSampler, ShuffleSampler
 from .seeding import SeededDataset, SeededDraws, seed_of
@@ -144,6 +144,8 @@ def _train(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None, t
     if env.is_main:
         remove_stale_temps(out)  # under the lock: no live writer's
     start = resolve_resume(resume, out)
+    if start.state is not None:
+        check_resume_changes(start.state["config"], recipe, start.path)  # before config.json is rewritten
     micro_batches = env.world_size * recipe.accum_steps
     if recipe.batch_size % micro_batches:
         raise TrainError(
