@@ -9,9 +9,11 @@ states. There is no RNG state to restore: the trainer reseeds from ``(seed, epoc
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +23,77 @@ from torch import nn
 from ..errors import CheckpointError, SurgeryError, TrainError
 from .models import build_model
 
-__all__ = ["load_plain", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
+__all__ = ["load_plain", "save_checkpoint", "remove_stale_temps", "read_checkpoint", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
+_TMP = ".tmp-"  # save_checkpoint's temporary file: .<name>.tmp-<pid>
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` to ``path`` atomically: a reader (or a crash at any moment) sees the old file or the new one.
 
     The bytes go to a temporary file in the same folder, are flushed and fsynced, then ``os.replace`` puts the
-    file in place and the folder is fsynced so that the rename itself survives a power cut.
+    file in place and the folder is fsynced so that the rename itself survives a power cut. On any failure (a full
+    disk, Ctrl-C) the temporary file is removed and ``path`` keeps what it held.
+
+    Raises:
+        CheckpointError: the file system refused the write (full disk, read-only, ...); ``path`` is unchanged.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
+    replaced = False
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            replaced = True
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer reports a failed write of the file object as a RuntimeError raised from the OSError
+        error = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+        if not isinstance(error, OSError):
+            raise
+        raise CheckpointError(_write_failed(path, error, replaced)) from None
     return path
+
+
+def _write_failed(path: Path, error: OSError, replaced: bool) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free some disk space, then resume with --resume auto"
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        advice = f"make {path.parent} writable again, then resume with --resume auto"
+    else:
+        advice = "check the disk, then resume with --resume auto"
+    if replaced:
+        kept = f"{path.name} is written but its folder could not be synced"
+    else:
+        kept = f"{path.name} still holds the previous checkpoint" if path.exists() else f"no {path.name} was written"
+    return f"cannot write the checkpoint {path} ({error.strerror or error}): {kept}; {advice}"
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed :func:`save_checkpoint` calls left in ``folder``; return them.
+
+    Only safe while no other process saves into ``folder``: the trainer calls it holding the run folder's lock.
+    """
+    pattern = re.compile(rf"\..+{re.escape(_TMP)}\d+")
+    stale = sorted(p for p in Path(folder).glob(f".*{_TMP}*") if pattern.fullmatch(p.name) and p.is_file())
+    if stale:
+        size = sum(p.stat().st_size for p in stale)
+        for p in stale:
+            p.unlink(missing_ok=True)
+        log.info("note: removed %d temporary file(s) of an interrupted checkpoint save from %s (%.1f MB): %s",
+                 len(stale), folder, size / 2**20, ", ".join(p.name for p in stale))
+    return stale
 
 
 def load_plain(

@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_from(args: argparse.Namespace) -> tuple[Recipe, ResumePoint]:
-    """The recipe to train and where to start: a resumed run keeps its own recipe, explicit flags on top."""
+    """The recipe to train and where to start: a resumed run keeps its own recipe, explicit flags on top.
+
+    The trainer then refuses the flags that would change what the resumed run trains
+    (:data:`~se_surgery.train.resume.RESUME_MAY_CHANGE`), before it rewrites ``config.json``.
+    """
     names = {f.name for f in dataclasses.fields(Recipe)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     start = resolve_resume(args.resume, args.out)

@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, TrainError
 from ..modes import eval_mode
-from .checkpoint import save_checkpoint
+from .checkpoint import remove_stale_temps, save_checkpoint
 from .data import build_dataset
 from .distributed import Env, all_sum, broadcast_buffers, check_replicas_in_sync, per_rank, setup, teardown
 from .metrics import MetricsWriter, topk_correct
 from .models import build_training_model
 from .recipe import Recipe
-from .resume import ResumePoint, apply_schedule_changes, check_same_model, resolve_resume
+from .resume import ResumePoint, apply_schedule_changes, check_resume_changes, check_same_model, resolve_resume
+from .run_lock import RunLock
 from .sampling import ClassAwareSampler, ShuffleSampler
 from .seeding import SeededDataset, SeededDraws, seed_of
 
@@ -83,7 +84,8 @@ def train(
     """
     env = setup()
     try:
-        return _train(recipe, Path(out), resume, tensorboard, progress, env)
+        with RunLock(out, env):  # one run per folder, released on any exit
+            return _train(recipe, Path(out), resume, tensorboard, progress, env)
     finally:
         teardown(env)
 
@@ -139,7 +141,11 @@ def _train(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None, t
            env: Env) -> Path:
     """:func:`train` on this rank: set up (or restore) a :class:`RunState`, then train, evaluate and save per epoch."""
     recipe = _device_notes(recipe.resolved(), env)
+    if env.is_main:
+        remove_stale_temps(out)  # under the lock: no live writer's
     start = resolve_resume(resume, out)
+    if start.state is not None:
+        check_resume_changes(start.state["config"], recipe, start.path)  # before config.json is rewritten
     micro_batches = env.world_size * recipe.accum_steps
     if recipe.batch_size % micro_batches:
         raise TrainError(
@@ -233,7 +239,8 @@ def _train(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None, t
         }
         is_best, run.best = val["val_top1"] > run.best, max(run.best, val["val_top1"])
         epoch_step, totals = 0, torch.zeros(3, dtype=torch.float64)
-        run.save(("last.pt", "best.pt") if is_best else ("last.pt",), epoch + 1, epoch_step, totals)
+        # best.pt first: once last.pt says the epoch is done, its best.pt is on disk
+        run.save(("best.pt", "last.pt") if is_best else ("last.pt",), epoch + 1, epoch_step, totals)
         if writer is not None:
             writer.write(run.metrics)
             log.info("epoch %d/%d: %s", epoch + 1, recipe.epochs, _fmt(run.metrics))
