@@ -299,9 +299,11 @@ def add_se(
         the same name), methods and state_dict keys; the SE parameters are the only new keys.
 
     Raises:
-        SurgeryError: a bad option value, nothing left to gate (no residual sum, every one skipped, a ``where`` that
-            selects nothing, a ``position`` that fits no selected block), an ``se_layer`` that changes the shape,
-            or with ``strict`` any block skipped because fx cannot trace it or it is narrower than r.
+        SurgeryError: ``model`` is no eager ``nn.Module`` instance (None, a name, the class, a ScriptModule), an
+            ``example_input`` that is no tensor or that the model fails on, a bad option value, nothing left to gate
+            (no residual sum, every one skipped, a ``where`` that selects nothing, a ``position`` that fits no
+            selected block), an ``se_layer`` that changes the shape, or with ``strict`` any block skipped because fx
+            cannot trace it or it is narrower than r.
             ``model`` is then unchanged.
 
     Examples:
