@@ -3,7 +3,8 @@
 Two ways to take a block's excitation out, next to the intact model:
 
 - ``removed``: :func:`se_surgery.remove_se` takes the SE module out of the graph (the block computes ``x``, not
-  ``s * x``); the saving is the SE's parameters.
+  ``s * x``); torchvision's and timm's own SE modules (EfficientNet, MobileNetV3, RegNetY, SE-ResNet), each of which
+  returns ``x * s``, become an identity. The saving is the SE's parameters.
 - ``fixed``: the gate outputs its dataset-mean excitation (the all-class mean captured by
   :func:`analysis.capture_excitations`), a constant channel scale that could be folded into the preceding batch norm,
   so it saves the same parameters. It tells "the block is an identity" (a saturated SE_5_2) apart from "the block is
@@ -21,14 +22,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from analysis.capture import find_gates, model_paper_names
+from analysis.capture import find_gates, is_known_se, model_paper_names
 from analysis.errors import AnalysisError
 from analysis.excitation_stats import ExcitationStats, select_blocks
 from analysis.protocol import paper_stages
 from se_surgery.modes import eval_mode
 from se_surgery.train.metrics import topk_correct
 
-__all__ = ["ConstantGate", "ablate", "ablation_blocks", "evaluate", "fix_gates"]
+__all__ = ["ConstantGate", "ablate", "ablation_blocks", "check_removable", "evaluate", "fix_gates", "remove_blocks"]
 
 LAST_STAGE = "last-stage"
 ALL_BLOCKS = "all"
@@ -51,23 +52,71 @@ class ConstantGate(nn.Module):
 
 
 def ablation_blocks(model: nn.Module, spec: str) -> list[str]:
-    """SE module names from ``--ablate``: comma-separated block names / paper names, ``last-stage`` or ``all``.
+    """SE module names from ``--ablate``: comma-separated block names / paper names, ``last-stage`` or ``all``,
+    each checked to be one :func:`remove_blocks` can take out.
 
     Raises:
-        AnalysisError: unknown names (the valid ones are listed), or a model without paper names for ``last-stage``.
+        AnalysisError: unknown names (the valid ones are listed), a model without paper names for ``last-stage``,
+            or a block the removal cannot take out.
     """
     gates, paper = find_gates(model), model_paper_names(model)
     if spec.strip() == ALL_BLOCKS:
-        return list(gates)
-    if spec.strip() != LAST_STAGE:
-        return select_blocks(gates, paper, [s.strip() for s in spec.split(",") if s.strip()])
-    stages = paper_stages(list(gates), paper)
-    if not stages:
+        blocks = list(gates)
+    elif spec.strip() != LAST_STAGE:
+        blocks = select_blocks(gates, paper, [s.strip() for s in spec.split(",") if s.strip()])
+    else:
+        stages = paper_stages(list(gates), paper)
+        if not stages:
+            raise AnalysisError(
+                f"'{LAST_STAGE}' needs SE_<stage>_<block> names, which this model has not: name the blocks instead, "
+                f"e.g. --ablate {','.join(list(gates)[-2:])}"
+            )
+        blocks = stages[max(stages)]
+    check_removable(model, blocks)
+    return blocks
+
+
+def check_removable(model: nn.Module, blocks: Iterable[str]) -> None:
+    """Refuse a block that :func:`remove_blocks` cannot take out: neither add_se's nor a known SE module.
+
+    Raises:
+        AnalysisError: the first such block, with its class.
+    """
+    stuck = _unremovable(model, blocks)
+    if stuck:
+        block = stuck[0]
         raise AnalysisError(
-            f"'{LAST_STAGE}' needs SE_<stage>_<block> names, which this model has not: name the blocks instead, "
-            f"e.g. --ablate {','.join(list(gates)[-2:])}"
+            f"--ablate cannot take out {block} ({type(model.get_submodule(block)).__name__}): the removal check "
+            "knows the SE blocks of se_surgery.add_se and torchvision's and timm's SE modules; leave that block out "
+            "of --ablate"
         )
-    return stages[max(stages)]
+
+
+def _unremovable(model: nn.Module, blocks: Iterable[str]) -> list[str]:
+    from se_surgery import se_blocks
+
+    ours = se_blocks(model)
+    return [b for b in blocks if b not in ours and not is_known_se(model.get_submodule(b))]
+
+
+def remove_blocks(model: nn.Module, blocks: Iterable[str]) -> nn.Module:
+    """A copy of ``model`` without the SE blocks ``blocks``: add_se's taken out by :func:`se_surgery.remove_se`,
+    torchvision's and timm's SE modules (each returns ``x * s``) replaced by an identity, so the block computes ``x``.
+
+    Raises:
+        AnalysisError: a block that is neither (see :func:`check_removable`).
+    """
+    from se_surgery import remove_se, se_blocks
+
+    blocks = list(blocks)
+    check_removable(model, blocks)
+    ours = se_blocks(model)
+    mine = [b for b in blocks if b in ours]
+    out = remove_se(model, mine) if mine else copy.deepcopy(model)
+    for block in blocks:
+        if block not in ours:
+            out.set_submodule(block, nn.Identity())
+    return out
 
 
 def fix_gates(model: nn.Module, means: dict[str, np.ndarray]) -> nn.Module:
@@ -112,7 +161,7 @@ def ablate(
     """Accuracy and parameters of the intact model, ``blocks`` removed, and ``blocks`` with fixed gates.
 
     Args:
-        model: A model from :func:`se_surgery.add_se` (``remove_se`` must know its SE blocks).
+        model: A model from :func:`se_surgery.add_se`, or a torchvision / timm SE network.
         loader: The evaluation data.
         blocks: SE module names to take out.
         stats: Captured statistics holding ``blocks`` (their all-class means fix the gates).
@@ -123,18 +172,15 @@ def ablate(
         percentage of the model without any SE, the paper's ~10% -> ~4%), ``params_saved``.
 
     Raises:
-        AnalysisError: the model's SE blocks were not inserted by ``add_se``, or a block was not captured.
+        AnalysisError: a block :func:`remove_blocks` cannot take out, or one that was not captured.
     """
-    from se_surgery import SurgeryError, remove_se
-
     missing = [b for b in blocks if b not in stats.moments]
     if missing:
         raise AnalysisError(f"blocks {missing} were not captured: capture them too (drop --blocks) to fix their gates")
-    try:
-        base = remove_se(model)
-        removed = remove_se(model, blocks)
-    except SurgeryError as err:
-        raise AnalysisError(f"--ablate needs SE blocks inserted by se_surgery.add_se ({err})") from None
+    gates = find_gates(model)
+    stuck = set(_unremovable(model, gates))
+    base = remove_blocks(model, [b for b in gates if b not in stuck])  # the SE overhead of the blocks it can remove
+    removed = remove_blocks(model, blocks)
     fixed = fix_gates(model, {b: stats.mean(b) for b in blocks})
     base_params, intact_params = _params(base), _params(model)
     names = ",".join(stats.paper_name(b) for b in blocks)

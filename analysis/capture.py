@@ -35,13 +35,18 @@ from se_surgery.modes import eval_mode
 from se_surgery.surgery import paper_names
 from se_surgery.surgery.naming import SE_LEAF, is_resnet_block, paper_names_for
 
-__all__ = ["GateRecorder", "capture_excitations", "find_gates", "model_paper_names", "unbounded_gates"]
+__all__ = ["GateRecorder", "capture_excitations", "find_gates", "is_known_se", "model_paper_names", "unbounded_gates"]
 
 logger = logging.getLogger(__name__)
 
 _GATE_CHILDREN = ("scale_activation", "gate", "sigmoid")  # torchvision and add_se, timm, timm's legacy SENet
 _SE_TYPES = {"SqueezeExcitation", "SEModule", "EffectiveSEModule", "SqueezeExcite", "SqueezeExciteCl"}
 _SE_LEAVES = {"se_module"}  # timm's legacy SENet; add_se's se / se_<k> are matched by SE_LEAF
+
+
+def is_known_se(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torchvision's or timm's SE modules (add_se's too), each returning its input * s."""
+    return isinstance(module, SqueezeExcitation) or type(module).__name__ in _SE_TYPES
 
 
 def find_gates(model: nn.Module) -> dict[str, str]:
@@ -55,7 +60,7 @@ def find_gates(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
         named_se = bool(name) and (SE_LEAF.fullmatch(leaf) is not None or leaf in _SE_LEAVES)
-        if not (isinstance(module, SqueezeExcitation) or type(module).__name__ in _SE_TYPES or named_se):
+        if not (is_known_se(module) or named_se):
             continue
         child = next((c for c in _GATE_CHILDREN if isinstance(getattr(module, c, None), nn.Module)), None)
         if child is not None:

@@ -40,7 +40,8 @@ def select_blocks(blocks: Iterable[str], paper_names: Mapping[str, str], names: 
 
 
 def resolve_classes(
-    classes: Sequence[int | str] | None, names: Sequence[str] | None, aliases: Sequence[str] | None = None
+    classes: Sequence[int | str] | None, names: Sequence[str] | None, aliases: Sequence[str] | None = None,
+    *, once: bool = False,
 ) -> list[int] | None:
     """Class indices from class names, indices, or indices written as text (``None`` = all, returned as ``None``).
 
@@ -48,9 +49,12 @@ def resolve_classes(
         classes: What the user asked for.
         names: The dataset's class names (index order), or ``None`` when it has none (then only indices work).
         aliases: Other names of the same classes, tried after ``names`` (ImageNet's words for its folder ids).
+        once: refuse a class asked for twice (by the same name or index, or by its name and its index), for a
+            caller that reads a class's images once per mention and would count them twice.
 
     Raises:
-        AnalysisError: an unknown name or an index out of range; the message lists the valid ones.
+        AnalysisError: an unknown name or an index out of range (the message lists the valid ones), or with ``once``
+            a class asked for twice.
     """
     if classes is None:
         return None
@@ -66,6 +70,13 @@ def resolve_classes(
             shown = list(names or aliases or [])
             valid = ", ".join(shown[:30]) + (f", ... ({len(shown)} in all)" if len(shown) > 30 else "")
             raise AnalysisError(f"unknown class {cls!r}: use any of {valid or 'the class indices'} (or their indices)")
+    seen: dict[int, int | str] = {}
+    for cls, k in zip(classes, out):
+        if once and k in seen:
+            label = names[k] if names is not None else str(k)
+            raise AnalysisError(f"class {label!r} is asked for twice (as {seen[k]!r} and {cls!r}): list each class "
+                                "once")
+        seen[k] = cls
     return out
 
 

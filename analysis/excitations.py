@@ -157,9 +157,20 @@ def _verdicts(metrics: pd.DataFrame) -> str:
 
 
 def _check_numbers_and_device(args: argparse.Namespace) -> None:
-    for flag, value in (("--per-class", args.per_class), ("--batch-size", args.batch_size)):
+    positive = (("--per-class", args.per_class, 50), ("--batch-size", args.batch_size, 128), ("--crop", args.crop, 224),
+                ("--resize", args.resize, 256), ("--num-classes", args.num_classes, 1000))
+    for flag, value, example in positive:
         if value is not None and value < 1:
-            raise AnalysisError(f"{flag} {value}: give a positive number")
+            raise AnalysisError(f"{flag} {value} must be a positive integer: pass e.g. {flag} {example}")
+    for flag, value, example in (("--workers", args.workers, 4), ("--seed", args.seed, 0)):
+        if value < 0:
+            raise AnalysisError(f"{flag} {value} must be 0 or more: pass e.g. {flag} {example}")
+    for flag, value, example, least in (("--mean", args.mean, "0.485 0.456 0.406", -math.inf),
+                                        ("--std", args.std, "0.229 0.224 0.225", 0.0)):
+        if value is not None and not all(math.isfinite(v) and v > least for v in value):
+            what = "positive finite numbers (the std divides the pixels)" if least == 0 else "finite numbers"
+            raise AnalysisError(f"{flag} {' '.join(f'{v:g}' for v in value)} must be three {what}: pass e.g. "
+                                f"{flag} {example}")
     try:
         device = torch.device(args.device)
     except RuntimeError as err:
@@ -187,9 +198,25 @@ def _from_checkpoint(args: argparse.Namespace) -> Source:
     # every split through the evaluation transforms: the study measures the network, not the augmentation
     dataset = build_dataset(data, args.split, input_size=cfg["input_size"], resize=cfg["resize"], mean=cfg["mean"],
                             train=False)
+    _check_classes([str(c) for c in dataset.classes], cfg.get("class_names"), data, cfg["data"])
     facts = {"checkpoint": str(Path(args.ckpt).resolve()), "arch": cfg.get("arch"), "epoch": info.get("epoch"),
              "checkpoint_metrics": info.get("metrics"), "data": data}
     return Source(model, dataset, None, facts)
+
+
+def _check_classes(found: list[str], trained: list[str] | None, data: str, own: str) -> None:
+    """Refuse data whose classes are not the checkpoint's: its labels would be scored against other outputs."""
+    if trained is None or found == [str(c) for c in trained]:
+        return
+
+    def shown(names: Sequence[str]) -> str:
+        return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+
+    raise AnalysisError(
+        f"--data {data} holds the classes [{shown(found)}], the checkpoint was trained on [{shown(list(trained))}]: "
+        f"pass --data with the same class folders (or leave --data out for the checkpoint's own, {own}); "
+        "--classes picks some of them"
+    )
 
 
 def _from_model(args: argparse.Namespace) -> Source:
@@ -241,8 +268,8 @@ def _default_out(args: argparse.Namespace) -> Path:
 def run(args: argparse.Namespace) -> Result:
     """Everything the CLI does but printing."""
     started = time.perf_counter()
-    out = _writable_out(_default_out(args))
     _check_numbers_and_device(args)
+    out = _writable_out(_default_out(args))
     _check_source_flags(args)
     model, dataset, aliases, facts = _from_checkpoint(args) if args.ckpt else _from_model(args)
     gates = find_gates(model)
@@ -257,8 +284,12 @@ def run(args: argparse.Namespace) -> Result:
         wanted = paper_blocks(list(gates), paper) or None  # models without SE_<stage>_<block> names: every block
     blocks = select_blocks(gates, paper, wanted)
     ablated = ablation_blocks(model, args.ablate) if args.ablate else []
+    uncaptured = [paper.get(b, b) for b in ablated if b not in blocks]
+    if uncaptured:
+        raise AnalysisError(f"--ablate {','.join(uncaptured)}: not among the --blocks studied, so their gates cannot "
+                            "be fixed to their mean; add them to --blocks (or drop --blocks)")
     names = [str(c) for c in dataset.classes]
-    chosen = resolve_classes(_split(args.classes), names, aliases)
+    chosen = resolve_classes(_split(args.classes), names, aliases, once=True)
     every = list(range(len(names)))
     # the paper's all-class curve is over every class of the split; the chosen classes are the curves drawn
     classes, drawn = (every, chosen) if paper_protocol else (chosen or every, None)

@@ -13,7 +13,12 @@ import sys
 import types
 from typing import Any
 
+import torch
+from torch import nn
+
 from .cli import run_cli
+from .errors import SurgeryError
+from .modes import eval_mode
 from .surgery.cost import PAPER, Summary, paper_tables, summary
 from .surgery.positions import POSITIONS
 from .surgery.se_module import EXCITATIONS, SQUEEZES
@@ -21,6 +26,7 @@ from .surgery.se_module import EXCITATIONS, SQUEEZES
 __all__ = ["main", "summary", "Summary"]
 
 _TIMM = "timm:"
+_RESIDUAL_EXAMPLES = "resnet50, resnext50_32x4d, mobilenet_v2, regnet_x_400mf, convnext_tiny or timm:resnet50"
 
 
 def _where(text: str) -> list[int | str]:
@@ -28,20 +34,20 @@ def _where(text: str) -> list[int | str]:
     return [int(item) if item.strip().isdigit() else item.strip() for item in text.split(",") if item.strip()]
 
 
-def _base(arch: str, parser: argparse.ArgumentParser):
+def _base(arch: str):
     if arch.startswith(_TIMM):
         try:
             import timm
         except ImportError:
-            parser.error(f"{arch} needs timm (pip install timm)")
+            raise SurgeryError(f"{arch} needs timm (pip install timm)") from None
         if arch[len(_TIMM):] not in timm.list_models():
-            parser.error(f"unknown timm model {arch[len(_TIMM):]!r}: pick a name from timm.list_models()")
+            raise SurgeryError(f"unknown timm model {arch[len(_TIMM):]!r}: pick a name from timm.list_models()")
         return lambda: timm.create_model(arch[len(_TIMM):])
     from torchvision.models import get_model, list_models
 
     if arch not in list_models():
-        parser.error(f"unknown arch {arch!r}; try one of: resnet50, resnext50_32x4d, mobilenet_v2, convnext_tiny, "
-                     "timm:resnet50")
+        raise SurgeryError(f"unknown arch {arch!r}; try one of: resnet50, resnext50_32x4d, mobilenet_v2, "
+                           "convnext_tiny, timm:resnet50")
     return lambda: get_model(arch)
 
 
@@ -59,6 +65,30 @@ def _print_paper_tables(rows: list[dict[str, Any]], size: int) -> None:
         "\nMultiply-adds count convolutions and linear layers; torchvision's ResNet-50 is v1.5 (4.09 GMACs), the\n"
         "paper's the original (3.86), so compare the differences: NoSqueeze adds +0.41 G in both."
     )
+
+
+def _summary(arch: str, model: nn.Module, size: tuple[int, ...], **options: Any) -> Summary:
+    """:func:`summary` at the CLI's input size, its refusals worded for a command line instead of Python keywords."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros(size))
+    except Exception as err:
+        gist = str(err).strip().splitlines()[0].rstrip(".!") if str(err).strip() else type(err).__name__
+        raise SurgeryError(
+            f"{arch} ({type(model).__name__}) does not run on {size[-1]}x{size[-1]} images ({gist}): pass the "
+            f"--input-size it takes, e.g. --input-size 224"
+        ) from None
+    try:
+        # batch 2, as add_se's own probe: a broadcast over the batch never looks like a residual sum
+        return summary(model, size, example_input=torch.zeros(2, *size[1:]), **options)
+    except SurgeryError as err:
+        found = getattr(err, "no_unit", None)
+        if found is None:
+            raise
+        raise SurgeryError(
+            f"{arch} has no residual CNN unit an SE can go on; {found}. The summary measures SE on residual CNNs: "
+            f"try {_RESIDUAL_EXAMPLES}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,16 +113,19 @@ def _main(argv: list[str] | None) -> None:
     parser.add_argument("--paper-tables", action="store_true",
                         help="print Tables 10, 13, 15 and 16's costs, ours beside the paper's (resnet50 only)")
     args = parser.parse_args(argv)
-    make_base = _base(args.arch, parser)
+    for flag, value, example in (("--input-size", args.input_size, 224), ("--reduction", args.reduction, 16)):
+        if value < 1:
+            raise SurgeryError(f"{flag} {value} must be a positive integer: pass e.g. {flag} {example}")
+    make_base = _base(args.arch)
     size = (1, 3, args.input_size, args.input_size)
     if args.paper_tables:
         if args.arch != "resnet50":
-            parser.error("--paper-tables reproduces the paper's ResNet-50 ablations: use arch resnet50")
+            raise SurgeryError("--paper-tables reproduces the paper's ResNet-50 ablations: use arch resnet50")
         _print_paper_tables(paper_tables(make_base, size), args.input_size)
         return
     options = {"where": args.where, "position": args.position, "squeeze": args.squeeze,
                "excitation": args.excitation, "bias": args.bias}
-    result = summary(make_base(), size, reduction=args.reduction, **options)
+    result = _summary(args.arch, make_base(), size, reduction=args.reduction, **options)
     changed = ", ".join(f"{k}={v}" for k, v in options.items() if parser.get_default(k) != v)
     print(f"{args.arch} -> SE-{args.arch}, r={args.reduction}{', ' + changed if changed else ''}, "
           f"{args.input_size}x{args.input_size} input\n")

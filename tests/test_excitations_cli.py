@@ -164,3 +164,132 @@ def test_train_split_is_captured_with_the_evaluation_transforms(ckpt, tmp_path) 
     first = [i for i, t in enumerate(train.targets) if t == 3][:3]
     stats = capture_excitations(model, DataLoader(Subset(train, first), batch_size=8), blocks=["SE_5_2"])
     assert got == pytest.approx(stats.mean("SE_5_2", 3), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> pathlib.Path:
+    """PATH/val/<class>/*.png: three classes of 32x32 RGB images."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("cat", "dog", "fox")):
+        (root / "val" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 120, (32, 32, 3)) + 60 * np.eye(3, dtype=int)[k]
+            Image.fromarray(pixels.astype("uint8")).save(root / "val" / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--workers", "-2"], "--workers -2 must be 0 or more: pass e.g. --workers 4"),
+        (["--std", "0", "0", "0"], "--std 0 0 0 must be three positive finite numbers"),
+        (["--std", "0.2", "-0.1", "0.2"], "--std 0.2 -0.1 0.2 must be three positive finite numbers"),
+        (["--std", "nan", "1", "1"], "--std nan 1 1 must be three positive finite numbers"),
+        (["--mean", "inf", "0", "0"], "--mean inf 0 0 must be three finite numbers: pass e.g. --mean 0.485"),
+        (["--crop", "0"], "--crop 0 must be a positive integer: pass e.g. --crop 224"),
+        (["--resize", "0"], "--resize 0 must be a positive integer: pass e.g. --resize 256"),
+        (["--num-classes", "0"], "--num-classes 0 must be a positive integer: pass e.g. --num-classes 1000"),
+        (["--per-class", "0"], "--per-class 0 must be a positive integer"),
+        (["--batch-size", "-1"], "--batch-size -1 must be a positive integer"),
+        (["--seed", "-1"], "--seed -1 must be 0 or more"),
+    ],
+)
+def test_numeric_flags_are_refused_before_any_model_or_data(folder, tmp_path, capsys, monkeypatch, flags, expected):
+    import analysis.excitations as cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built or data read before the flags were checked")
+
+    monkeypatch.setattr(cli, "_from_model", never)
+    monkeypatch.setattr(cli, "_from_checkpoint", never)
+    out = tmp_path / "out"
+    err = _one_line_error(capsys, ["--model", "mobilenet_v3_small", "--data", str(folder), "--out", str(out), *flags])
+    assert expected in err
+    assert not out.exists()
+
+
+def test_files_that_are_no_torch_file_are_named_so(folder, tmp_path, capsys) -> None:
+    out = ["--out", str(tmp_path / "out")]
+    png = next((folder / "val" / "cat").glob("*.png"))
+    as_json, empty = tmp_path / "config.json", tmp_path / "empty.pt"
+    as_json.write_text('{"lr": 0.1}\n')
+    empty.write_bytes(b"")
+    for path, kind in [(png, "it holds a PNG image"), (as_json, "it holds JSON"), (empty, "the file is empty")]:
+        err = _one_line_error(capsys, ["--ckpt", str(path), *out])
+        assert f"{path} is not a torch checkpoint ({kind}" in err and "refusing to run" not in err
+    err = _one_line_error(capsys, ["--model", "mobilenet_v3_small", "--weights", str(png), "--data", str(folder), *out])
+    assert "is not a torch weights file (it holds a PNG image)" in err and "refusing to run" not in err
+
+
+def test_data_of_other_classes_than_the_checkpoints_is_refused(ckpt, folder, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    err = _one_line_error(capsys, ["--ckpt", str(ckpt), "--data", str(folder), "--out", str(out)])
+    assert f"--data {folder} holds the classes [cat, dog, fox]" in err
+    assert "trained on [0, 1, 2, 3, 4, 5, ... (10 in all)]" in err and "digits" in err
+    assert not (out / "summary.json").exists() and not (out / "excitations.csv").exists()
+
+
+def test_a_class_asked_for_twice_is_refused(ckpt, folder, tmp_path, capsys) -> None:
+    out = ["--out", str(tmp_path / "out")]
+    err = _one_line_error(capsys, ["--ckpt", str(ckpt), "--classes", "1,1", *out])
+    assert "class '1' is asked for twice (as '1' and '1'): list each class once" in err
+    err = _one_line_error(capsys, ["--model", "mobilenet_v3_small", "--data", str(folder), "--classes", "dog,cat,0",
+                                   *out])
+    assert "class 'cat' is asked for twice (as 'cat' and '0')" in err
+    from analysis.errors import AnalysisError
+    from analysis.excitation_stats import resolve_classes
+
+    assert resolve_classes(["b", 1], ["a", "b"]) == [1, 1]  # the library alone still resolves each mention
+    with pytest.raises(AnalysisError, match="class 'b' is asked for twice"):
+        resolve_classes(["b", 1], ["a", "b"], once=True)
+
+
+def test_ablating_blocks_left_out_of_the_study_is_refused_before_the_capture(ckpt, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    err = _one_line_error(capsys, ["--ckpt", str(ckpt), "--blocks", "SE_5_2", "--ablate", "SE_5_1", "--out", str(out)])
+    assert "--ablate SE_5_1: not among the --blocks studied" in err
+    assert not (out / "excitations.csv").exists()
+
+
+def test_ablation_of_a_torchvision_se_network(folder, tmp_path) -> None:
+    """MobileNetV3's own SE modules are taken out (an identity: the block computes x, not x * s) before the study's
+    images are scored; the parameters saved are exactly those of its SqueezeExcitation modules."""
+    from torchvision.ops import SqueezeExcitation
+
+    out = tmp_path / "study"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--model", "mobilenet_v3_small", "--data", str(folder), "--crop", "32", "--resize", "32",
+                     "--num-classes", "3", "--ablate", "all", "--out", str(out), "--no-progress"]) == 0
+    rows = {r["variant"]: r for r in json.loads((out / "summary.json").read_text())["ablation"]}
+    model = torchvision.models.mobilenet_v3_small(num_classes=3)
+    se = [m for m in model.modules() if isinstance(m, SqueezeExcitation)]
+    se_params = sum(p.numel() for m in se for p in m.parameters())
+    assert len(se) == 9 and rows["removed"]["blocks"].count(",") == 8
+    assert rows["intact"]["params"] == sum(p.numel() for p in model.parameters())
+    assert rows["removed"]["params"] == rows["fixed"]["params"] == rows["intact"]["params"] - se_params
+    assert rows["removed"]["se_overhead_pct"] == 0 < rows["intact"]["se_overhead_pct"]
+    assert all(r["images"] == 9 for r in rows.values())
+
+
+def test_a_gate_the_removal_does_not_know_is_refused_by_name() -> None:
+    from torch import nn
+
+    from analysis.ablation import ablation_blocks
+    from analysis.errors import AnalysisError
+
+    class OwnGate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Sigmoid()
+
+        def forward(self, x):
+            return x * self.gate(x.mean((2, 3), keepdim=True))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    model.se = OwnGate()
+    with pytest.raises(AnalysisError, match=r"--ablate cannot take out se \(OwnGate\)"):
+        ablation_blocks(model, "all")

@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import SurgeryError
 from ..modes import eval_mode
 
-__all__ = ["Probe", "probe_sums"]
+__all__ = ["Probe", "probe_sums", "input_channels"]
 
 _ADDS = {
     torch.add,
@@ -51,12 +51,20 @@ class _SumSpy(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def input_channels(model: nn.Module) -> int | None:
+    """The channel count ``model``'s first 2-D convolution expects (None without one)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else None
+
+
 def probe_sums(model: nn.Module, example_input: Tensor) -> Probe:
     """Run ``model(example_input)`` in eval mode under no_grad, watching for sums; the model's state is restored."""
-    probe, stack, handles = Probe(), [], []
+    probe, stack, handles, convs = Probe(), [], [], []
 
     def pre_hook(name):
         def hook(module, args, kwargs):
+            if not convs and isinstance(module, nn.Conv2d):
+                convs.append(module.in_channels)  # the first convolution the input reaches
             stack.append(name)
             probe.inputs.setdefault(name, (args, kwargs))
 
@@ -72,10 +80,12 @@ def probe_sums(model: nn.Module, example_input: Tensor) -> Probe:
         with eval_mode(model), torch.no_grad(), _SumSpy(stack, probe):
             model(example_input)
     except Exception as err:
+        given = example_input.shape[1] if example_input.dim() > 1 else 3
+        channels = convs[0] if convs else input_channels(model) or given
         raise SurgeryError(
             f"{type(model).__name__} failed on the example input of shape {tuple(example_input.shape)}: "
             f"{str(err).rstrip('.')}. "
-            f"Pass one it accepts: add_se(model, example_input=torch.randn(2, {example_input.shape[1]}, 224, 224))."
+            f"Pass one it accepts: add_se(model, example_input=torch.randn(2, {channels}, 224, 224))."
         ) from err
     finally:
         for handle in handles:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from typing import Callable, Iterable, Literal, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Sequence, Union
 
 import torch
 from torch import fx, nn
@@ -18,7 +18,7 @@ from torch import fx, nn
 from ..errors import SurgeryError
 from .naming import SE_LEAF, paper_names_for, resolve_blocks, se_name
 from .positions import POSITIONS, Placement, Position, place
-from .probe import probe_sums
+from .probe import input_channels, probe_sums
 from .residual import Residual, Skipped, residual_units
 from .rewritten import calls, is_rewritten, restore, rewrite
 from .se_module import EXCITATIONS, SQUEEZES, Excitation, SELayer, Squeeze, check_shape_kept
@@ -30,6 +30,44 @@ logger = logging.getLogger(__name__)
 
 Where = Union[None, Callable[[str], bool], Iterable[Union[int, str]]]
 SELayerFactory = Callable[[int], nn.Module]
+Names = Union[None, str, int, Iterable[Union[str, int]]]
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_model(model: Any, fn: str) -> None:
+    """Refuse, in one line, anything but an eager ``nn.Module`` instance (None, a name, the class, a ScriptModule)."""
+    example = "add_se(torchvision.models.resnet18())" if fn == "add_se" else "remove_se(add_se(model))"
+    if isinstance(model, torch.jit.ScriptModule):
+        raise SurgeryError(
+            f"{fn} got a TorchScript module ({type(model).__name__}), which torch.fx cannot trace: call {fn} on the "
+            f"eager model, then script the result, e.g. torch.jit.script({fn}(model))"
+        )
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        got = f"the class {model.__name__}: build it first"
+    elif isinstance(model, str):
+        got = f"the string {model!r}: build the model first"
+        if fn == "add_se":
+            example = f"add_se(torchvision.models.get_model({model!r}))"
+    else:
+        got = f"{type(model).__name__} {_brief(model)}" if model is not None else "None"
+        got += ": pass the model itself"
+    raise SurgeryError(f"{fn} needs an nn.Module instance, got {got}, e.g. {example}")
+
+
+def _check_example(example_input: Any, model: nn.Module) -> None:
+    if example_input is None or isinstance(example_input, torch.Tensor):
+        return
+    raise SurgeryError(
+        f"example_input must be a torch.Tensor the model accepts, got {type(example_input).__name__} "
+        f"{_brief(example_input)}: pass "
+        f"e.g. example_input=torch.randn(2, {input_channels(model) or 3}, 224, 224), or leave it out"
+    )
 
 
 def _example_for(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
@@ -38,8 +76,7 @@ def _example_for(model: nn.Module, example_input: torch.Tensor | None) -> torch.
     ref = next(model.parameters(), None)
     ref = ref if ref is not None else next(model.buffers(), torch.empty(0))
     dtype = ref.dtype if ref.is_floating_point() else torch.float32
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    channels = conv.in_channels if conv is not None else 3
+    channels = input_channels(model) or 3
     # Batch 2 so a broadcast over the batch dimension never looks like a same-shape sum; 64 px keeps the probe cheap.
     return torch.randn(2, channels, 64, 64, device=ref.device, dtype=dtype)
 
@@ -171,6 +208,26 @@ def _grouped(skipped: list[tuple[str, Skipped]], failed: Sequence[tuple[str, str
     return "; ".join(parts)
 
 
+def _found(skipped: list[tuple[str, Skipped]], failed: Sequence[tuple[str, str, SurgeryError]]) -> str:
+    """What a model holds instead of a residual unit that can take an SE, by count, without the API's advice."""
+    reasons: dict[str, int] = {}
+    for _, skip in skipped:
+        reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
+    parts = [f"{n} sum(s) where {reason}" for reason, n in reasons.items()]
+    if failed:
+        classes = ", ".join(dict.fromkeys(kind for _, kind, _ in failed))
+        parts.append(f"{len(failed)} block(s) torch.fx cannot trace or run ({classes})")
+    return "; ".join(parts[:3]) + (f"; and {len(parts) - 3} other kind(s)" if len(parts) > 3 else "")
+
+
+def _no_unit(message: str, found: str) -> SurgeryError:
+    """The error for a model without a residual unit that can take an SE. ``found``, what the model holds instead
+    (free of Python advice), is kept as ``error.no_unit``, so a command line can word its own way out."""
+    error = SurgeryError(message)
+    error.no_unit = found
+    return error
+
+
 def _shown(owners: list[str]) -> str:
     return ", ".join(owners[:4]) + (f" and {len(owners) - 4} more" if len(owners) > 4 else "")
 
@@ -242,9 +299,11 @@ def add_se(
         the same name), methods and state_dict keys; the SE parameters are the only new keys.
 
     Raises:
-        SurgeryError: a bad option value, nothing left to gate (no residual sum, every one skipped, a ``where`` that
-            selects nothing, a ``position`` that fits no selected block), an ``se_layer`` that changes the shape,
-            or with ``strict`` any block skipped because fx cannot trace it or it is narrower than r.
+        SurgeryError: ``model`` is no eager ``nn.Module`` instance (None, a name, the class, a ScriptModule), an
+            ``example_input`` that is no tensor or that the model fails on, a bad option value, nothing left to gate
+            (no residual sum, every one skipped, a ``where`` that selects nothing, a ``position`` that fits no
+            selected block), an ``se_layer`` that changes the shape, or with ``strict`` any block skipped because fx
+            cannot trace it or it is narrower than r.
             ``model`` is then unchanged.
 
     Examples:
@@ -253,6 +312,8 @@ def add_se(
         128
         >>> se3x3 = add_se(torchvision.models.resnet50(), position="3x3", bias=False)  # Table 15's SE 3x3
     """
+    _check_model(model, "add_se")
+    _check_example(example_input, model)
     options = {"position": position, "squeeze": squeeze, "excitation": excitation, "bias": bias, "se_layer": se_layer}
     _check_options(reduction, init, options)
     if divisor is not None and (not isinstance(divisor, int) or isinstance(divisor, bool) or divisor < 1):
@@ -292,16 +353,19 @@ def add_se(
     forward = probe.owners if not held else sorted([*probe.owners, *held], key=list(probe.inputs).index)
     if not plans:
         if skipped or failed:
-            raise SurgeryError(
+            raise _no_unit(
                 f"no residual sum of {type(model).__name__} can take an SE: {_grouped(skipped, failed)}. A model "
                 "whose blocks are already gated (add_se applied twice, EfficientNet, RegNetY, SE-ResNet) needs none; "
-                "for the plain version, start from the model without attention (e.g. regnet_x instead of regnet_y)."
+                "for the plain version, start from the model without attention (e.g. regnet_x instead of regnet_y).",
+                f"no residual sum of {type(model).__name__} can take an SE: {_found(skipped, failed)}",
             )
-        raise SurgeryError(
+        raise _no_unit(
             f"found no residual sum in {type(model).__name__}: no module adds two same-shape tensors. add_se works "
             "on residual networks (x + F(x)); plain stacks such as VGG and concatenating ones such as DenseNet have "
             "none. If a block was listed in leaf_modules=, drop it from there; where= only chooses among residual "
-            "blocks, so it cannot create one."
+            "blocks, so it cannot create one.",
+            f"found no residual sum in {type(model).__name__}: no module adds two same-shape tensors, as in a plain "
+            "stack (VGG) or a concatenating network (DenseNet)",
         )
     paper = paper_names_for(o for o in forward if o in plans or o in held)
     keep = _where_filter(where, paper)
@@ -517,24 +581,65 @@ def paper_names(model: nn.Module) -> dict[str, str]:
     return {name: block._se_surgery["paper_name"] for name, block in se_blocks(model).items()}
 
 
-def remove_se(model: nn.Module, names: Iterable[str] | None = None, *, inplace: bool = False) -> nn.Module:
+def _removal_names(names: Names, blocks: dict[str, nn.Module], paper: dict[str, str]) -> list[str]:
+    """``remove_se``'s ``names`` as a list of module or paper names: one name alone, or a paper stage (``5``)
+    expanded to its blocks, as ``add_se``'s ``where=`` reads an int."""
+    items = [names] if isinstance(names, (str, int)) else names
+    how = ("pass SE module names ('layer4.1.se'), paper names ('SE_5_2') or paper stages (5), alone or in a list, "
+           "or None for all")
+    try:
+        items = list(items)
+    except TypeError:
+        raise SurgeryError(f"remove_se cannot read names={names!r} ({type(names).__name__}): {how}") from None
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise SurgeryError(f"remove_se cannot read the name {item!r} ({type(item).__name__}): {how}")
+        if isinstance(item, str):
+            out.append(item)
+            continue
+        stage = [b for b in blocks if paper.get(b, "").startswith(f"SE_{item}_")]
+        if not stage:
+            stages = sorted({int(p.split("_")[1]) for p in paper.values() if p.count("_") >= 2})
+            raise SurgeryError(
+                f"stage {item} holds no SE block of this model: pass one of its stages {stages}, or names such as "
+                + ", ".join(f"{n} ({paper[n]})" for n in list(blocks)[:2])
+                if stages else f"stage {item}: this model's SE blocks have no paper stages; pass their names: "
+                + ", ".join(blocks)
+            )
+        out += stage
+    return out
+
+
+def remove_se(model: nn.Module, names: Names = None, *, inplace: bool = False) -> nn.Module:
     """Take SE blocks out again (e.g. the last stage's, as in the paper's Sec. 7.2 check).
 
     Args:
         model: a model from :func:`add_se`; left untouched unless ``inplace``.
-        names: SE module names (``"layer4.1.se"``) or paper names (``"SE_5_2"``); None removes all, which gives
+        names: SE module names (``"layer4.1.se"``), paper names (``"SE_5_2"``) or paper stages (``5``: every
+            ``SE_5_*`` block, as ``add_se(where=[5])`` reads it), one alone or a list; None removes all, which gives
             back the original function bit for bit.
 
     Raises:
-        SurgeryError: a name that is not an SE block of ``model`` (the message lists them).
+        SurgeryError: ``model`` is no eager ``nn.Module``, or a name that is not an SE block of ``model`` (the
+            message lists them); ``model`` is then unchanged.
+
+    Examples:
+        >>> plain = remove_se(se_resnet50)
+        >>> no_last_stage = remove_se(se_resnet50, 5)  # same as ["SE_5_1", "SE_5_2", "SE_5_3"]
     """
+    _check_model(model, "remove_se")
     target = model if inplace else copy.deepcopy(model)
     blocks, paper = se_blocks(target), paper_names(target)
-    chosen, unknown = (list(blocks), []) if names is None else resolve_blocks(names, blocks, paper)
+    if names is None:
+        chosen, unknown = list(blocks), []
+    else:
+        chosen, unknown = resolve_blocks(_removal_names(names, blocks, paper), blocks, paper)
     if unknown:
         raise SurgeryError(
             f"{unknown} are not SE blocks of this model; it has: "
-            + ", ".join(f"{n} ({paper[n]})" for n in blocks) if blocks else f"{unknown}: this model has no SE block"
+            + ", ".join(f"{n} ({paper[n]})" for n in blocks) if blocks else
+            f"{unknown}: this model has no SE block from add_se (remove_se takes out only what add_se put in)"
         )
     by_owner: dict[str, list[str]] = {}
     for name in chosen:

@@ -103,7 +103,8 @@ def load_plain(
     """``torch.load(path, weights_only=True)``, each failure one line that ends in the caller's advice.
 
     A file that carries code is refused before any of it runs (``weights_only``); ``missing``, ``unsafe`` and
-    ``damaged`` say what to do about a missing file, such a file, and a truncated or non-torch one.
+    ``damaged`` say what to do about a missing file (or one that is no torch file at all: an image, JSON), such a
+    file, and a truncated one.
 
     Raises:
         CheckpointError: one of those three.
@@ -111,6 +112,10 @@ def load_plain(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no {what} at {path}: {missing}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip; older torch a pickle (protocol 2+)
+        raise CheckpointError(f"{path} is not a torch {what} ({_looks_like(head)}): {missing}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for code; a truncated zip, or not a torch file at all, otherwise
@@ -120,6 +125,20 @@ def load_plain(
                 f"{path} holds more than tensors and plain data ({first}); refusing to run its code: {unsafe}"
             ) from None
         raise CheckpointError(f"{path} is damaged or not a torch {what} ({first}): {damaged}") from None
+
+
+_KINDS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"\x1f\x8b": "gzip data",
+          b"%PDF": "a PDF document", b"{": "JSON or other text", b"[": "JSON or other text"}
+
+
+def _looks_like(head: bytes) -> str:
+    """What a file that is no torch file seems to be, from its first bytes."""
+    if not head:
+        return "the file is empty"
+    kind = next((k for magic, k in _KINDS.items() if head.lstrip().startswith(magic)), None)
+    if kind is None and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        kind = "text"
+    return f"it holds {kind}" if kind else f"it starts with the bytes {head!r}"
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
