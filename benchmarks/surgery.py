@@ -76,6 +76,21 @@ def print_table(title: str, times: dict[str, list[float]], extra: dict[str, floa
         print(f"  {key:>12}: {value * 1e3:8.1f} ms   {value / statistics.median(times['plain']):.3f}x of plain")
 
 
+def compared_models(base: nn.Module, timm_name: str = "seresnet50", example_input: torch.Tensor | None = None
+                    ) -> dict[str, nn.Module]:
+    """``base`` (plain), its fx rewrite with no SE in it, SE from add_se (fused and not) and timm's ``timm_name``,
+    all in eval mode with random weights."""
+    import timm
+
+    return {
+        "plain": base,
+        "fx, no SE": add_se(base, se_layer=lambda c: nn.Identity(), example_input=example_input).eval(),
+        "SE fused": add_se(base, example_input=example_input).eval(),
+        "SE unfused": add_se(base, fuse=False, example_input=example_input).eval(),
+        "timm SE": timm.create_model(timm_name).eval(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per configuration")
@@ -92,15 +107,7 @@ def main() -> None:
     surgery = statistics.median(seconds(lambda: add_se(base)) for _ in range(7))
     print(f"add_se(resnet50()): {surgery * 1e3:.0f} ms (median of 7; target < 500 ms)")
 
-    import timm
-
-    models = {
-        "plain": base,
-        "fx, no SE": add_se(base, se_layer=lambda c: nn.Identity()).eval(),  # generated forward, no SE
-        "SE fused": add_se(base).eval(),
-        "SE unfused": add_se(base, fuse=False).eval(),
-        "timm SE": timm.create_model("seresnet50").eval(),
-    }
+    models = compared_models(base)
     print(f"\n{args.threads} threads: median time; ratio to plain per round, median (min-max) over the rounds")
     for batch in (1, 8) if args.forward else ():
         for layout in (torch.contiguous_format, torch.channels_last):

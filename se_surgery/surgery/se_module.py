@@ -84,6 +84,18 @@ class SELayer(SqueezeExcitation):
             if self.fc2.bias is not None:
                 nn.init.constant_(self.fc2.bias, _IDENTITY_BIAS[self.excitation])
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """As nn.Module's, but a pooled squeeze's 1x1 FC weights keep standard strides: ``model.to(memory_format=
+        torch.channels_last)`` would give them channels-last strides, while their gradients (from ``F.linear`` on the
+        flattened weights) come back in standard ones, which DDP's gradient buckets reject with a warning and a copy."""
+        out = super()._apply(fn, recurse)
+        if getattr(self, "squeeze", "avg") != "none":
+            for fc in (self.fc1, self.fc2):
+                standard = fc.weight.clone(memory_format=torch.contiguous_format)
+                if fc.weight.stride() != standard.stride():
+                    fc.weight.data = standard
+        return out
+
     def gate(self, u: Tensor) -> Tensor:
         """The excitation s: N x C x 1 x 1 (N x C x H x W for NoSqueeze), the output of ``scale_activation``."""
         if self.squeeze == "none":

@@ -44,13 +44,16 @@ __all__ = ["train"]
 
 log = logging.getLogger(__name__)
 def _device_notes(recipe: Recipe, env: Env) -> Recipe:
-    """Turn off the GPU-only options on the CPU, with a note, rather than crash."""
-    if env.device.type == "cuda":
+    """Turn off ``--sync-bn`` where it cannot run (it needs CUDA and more than one rank), with a note, rather than crash.
+
+    ``--amp`` (bf16 autocast), ``--channels-last`` and ``--compile`` (inductor) run on every device, the CPU included.
+    """
+    if not recipe.sync_bn or (env.device.type == "cuda" and env.world_size > 1):
         return recipe
-    off = [name for name in ("amp", "channels_last", "compile", "sync_bn") if getattr(recipe, name)]
-    for name in off:
-        log.info("note: --%s does nothing on the CPU; ignored", name.replace("_", "-"))
-    return recipe if not off else Recipe.from_dict({**recipe.to_dict(), **{name: False for name in off}})
+    if env.is_main:
+        where = "on the CPU" if env.device.type != "cuda" else "on a single rank"
+        log.info("note: --sync-bn syncs BatchNorm statistics across CUDA ranks; it does nothing %s: ignored", where)
+    return Recipe.from_dict({**recipe.to_dict(), "sync_bn": False})
 
 
 def train(
@@ -252,17 +255,23 @@ def _train(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None, t
 
 
 def _wrap(model: nn.Module, recipe: Recipe, env: Env) -> tuple[nn.Module, nn.Module]:
-    """``(raw, model)``: what is saved (on the device, SyncBN if asked) and what runs forward (in DDP, compiled)."""
+    """``(raw, model)``: what is saved and evaluated (on the device, SyncBN if asked) and what trains (compiled, in DDP).
+
+    torch.compile wraps the module inside DDP, as torch recommends (DDP's hooks stay outside the compiled graphs,
+    which DDP's graph splitting cuts at its gradient buckets); ``raw`` keeps its own forward, so its state_dict keys
+    carry no wrapper prefix and evaluation runs eagerly (no recompile for eval mode or a smaller last batch).
+    Weights are loaded into ``raw`` before this, and compilation happens at the first training step.
+    """
     model.to(env.device)
     if recipe.channels_last:
         model.to(memory_format=torch.channels_last)
     if recipe.sync_bn and env.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw = model  # no DDP / compile wrappers in the state_dict keys
-    if env.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     if recipe.compile:
         model = torch.compile(model)
+    if env.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     return raw, model
 
 

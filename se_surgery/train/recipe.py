@@ -73,10 +73,12 @@ class Recipe:
     workers: int = _f(8, "DataLoader worker processes per rank")
     eval_batch_size: int | None = _f(None, "evaluation batch per rank; default: the training batch per rank")
     ckpt_every: int = _f(0, "also write last.pt every N optimizer steps (0: only at the end of each epoch)")
-    amp: bool = _f(False, "bf16 autocast on CUDA (a no-op, with a note, on the CPU)")
-    channels_last: bool = _f(False, "channels-last memory format on CUDA (a no-op, with a note, on the CPU)")
-    compile: bool = _f(False, "torch.compile the model on CUDA (a no-op, with a note, on the CPU)")
-    sync_bn: bool = _f(False, "synchronised BatchNorm across GPUs under DDP (a no-op, with a note, on the CPU)")
+    amp: bool = _f(False, "bf16 autocast for training and evaluation (on GPUs and on the CPU)")
+    channels_last: bool = _f(False, "channels-last memory format for the model and its inputs (GPUs and CPU)")
+    compile: bool = _f(False, "torch.compile (inductor) the training forward and backward (GPUs and CPU; the first "
+                       "steps then take a while)")
+    sync_bn: bool = _f(False, "synchronised BatchNorm across GPUs under DDP (needs CUDA and 2+ ranks; else ignored, "
+                       "with a note)")
 
     def resolved(self) -> Recipe:
         """A copy with the derived defaults filled in (lr from the batch, mean from the data), checked."""
