@@ -50,7 +50,7 @@ def check_image_headers(root: str | os.PathLike, paths: Iterable[str], env: Env)
 
 def _verdict(root: Path, paths: list[str]) -> str:
     """The one-line complaint about the unreadable files among ``paths``, or ``""``."""
-    root = root.resolve()
+    root = Path(os.path.abspath(root.expanduser()))  # not resolve(): the files' paths keep a symlinked root's name
     cache_file = cache_dir() / f"{hashlib.sha256(str(root).encode()).hexdigest()[:24]}.json"
     cached = _read_cache(cache_file, root)
     results: dict[str, list] = {}
