@@ -69,3 +69,65 @@ def test_unreadable_image_names_the_file(tmp_path):
     val = build_dataset(str(root), "val", input_size=32)
     with pytest.raises(DataError, match=r"cannot read image .*0\.png"):
         val[0]
+
+
+def _png16_rgb(path, pixels):
+    """Write ``pixels`` (H x W x 3 uint16) as a 48-bit PNG, which PIL cannot write itself."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_images_load_at_their_own_scale(tmp_path):
+    from se_surgery.train.data import _load_rgb
+
+    ramp = (np.arange(40 * 48).reshape(40, 48) * 34).astype(np.uint16)  # 0 .. 65246
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")  # PIL reads it back as I;16
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "grey32.tif")  # mode I
+    rgb16 = np.stack([ramp, ramp[::-1], np.full_like(ramp, 30000)], axis=-1)
+    _png16_rgb(tmp_path / "rgb16.png", rgb16)
+    expected = ramp / 65535
+    for name, want in (("grey16.png", np.stack([expected] * 3, -1)), ("grey32.tif", np.stack([expected] * 3, -1)),
+                       ("rgb16.png", rgb16 / 65535)):
+        got = np.asarray(_load_rgb(str(tmp_path / name)), dtype=np.float64) / 255
+        assert got.shape == (40, 48, 3) and np.abs(got - want).max() <= 1 / 255, name
+    assert (np.asarray(_load_rgb(str(tmp_path / "grey16.png"))) == 255).mean() < 0.01  # not clipped to white
+
+    # the same through the dataset: mean pixel of the evaluation tensor (no mean subtracted) at the 16-bit scale
+    for split in ("train", "val"):
+        (tmp_path / "d" / split / "a").mkdir(parents=True)
+        Image.fromarray(ramp).save(tmp_path / "d" / split / "a" / "0.png")
+    val = build_dataset(str(tmp_path / "d"), "val", input_size=40, resize=40, mean=[0, 0, 0])
+    assert abs(float(val[0][0].mean()) - float(expected[:, 4:44].mean())) < 1 / 255
+
+
+def test_transparent_palette_float_and_other_modes_load_as_rgb():
+    from se_surgery.train.data import to_rgb
+
+    rgba = Image.new("RGBA", (2, 1))
+    rgba.putpixel((0, 0), (200, 10, 10, 255))  # opaque: its own colour
+    rgba.putpixel((1, 0), (0, 0, 0, 0))  # fully transparent: the white page
+    assert [to_rgb(rgba).getpixel((x, 0)) for x in (0, 1)] == [(200, 10, 10), (255, 255, 255)]
+    half = to_rgb(Image.new("RGBA", (1, 1), (0, 0, 0, 128))).getpixel((0, 0))
+    assert all(abs(c - 127) <= 1 for c in half)
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 20, 30, 40, 50, 60] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 1
+    assert [to_rgb(palette).getpixel((x, 0)) for x in (0, 1)] == [(10, 20, 30), (255, 255, 255)]
+    assert to_rgb(Image.new("LA", (1, 1), (90, 255))).getpixel((0, 0)) == (90, 90, 90)
+    assert to_rgb(Image.new("LA", (1, 1), (90, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32))).getpixel((1, 0)) == (128, 128, 128)
+    assert to_rgb(Image.fromarray(np.array([[0.0, 100.0]], np.float32))).getpixel((1, 0)) == (100, 100, 100)
+    assert to_rgb(Image.new("CMYK", (1, 1), (0, 255, 255, 0))).getpixel((0, 0)) == (255, 0, 0)
+    assert to_rgb(Image.new("1", (1, 1), 1)).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("L", (1, 1), 77)).getpixel((0, 0)) == (77, 77, 77)
+    assert to_rgb(Image.new("I;16B", (1, 1), 65535)).getpixel((0, 0)) == (255, 255, 255)

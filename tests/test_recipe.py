@@ -25,7 +25,7 @@ def test_default_recipe_follows_the_data():
         get_recipe("fast")
 
 
-@pytest.mark.parametrize("change, match", [({"epochs": 0}, "epochs"), ({"min_scale": 0}, "min_scale"),
+@pytest.mark.parametrize("change, match", [({"epochs": 0}, "epochs"), ({"min_scale": 0}, "min-scale"),
                                            ({"se_init": "zero"}, "se_init"), ({"mean": [0.5]}, "three")])
 def test_bad_values_are_refused(change, match):
     with pytest.raises(TrainError, match=match):

@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 from ..cli import run_cli
+from ..errors import TrainError
 from .loop import train
 from .recipe import PAPER, RECIPES, Recipe, get_recipe
 from .resume import ResumePoint, resolve_resume
@@ -43,6 +44,23 @@ def _flag_type(hint: typing.Any) -> typing.Any:
     return args[0] if args else hint
 
 
+class _BadJSON(str):
+    """What ``--arch-kwargs`` parses to when its value is not a JSON object: the one-line complaint, raised by main."""
+
+
+def _json_object(text: str) -> dict | _BadJSON:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        problem = f"not JSON ({e})"
+    else:
+        if isinstance(value, dict):
+            return value
+        problem = f"a JSON {type(value).__name__}, not an object"
+    return _BadJSON(f"--arch-kwargs {text!r}: {problem}: pass a JSON object, e.g. "
+                    "'{\"zero_init_residual\": true}' (or '{}' for none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -68,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is dict:
-            kwargs["type"] = json.loads
+            kwargs["type"] = _json_object
         elif "type" not in kwargs:
             kwargs["type"] = kind
         recipe.add_argument(flag, **kwargs)
@@ -97,9 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if isinstance(getattr(args, "arch_kwargs", None), _BadJSON):
+        raise TrainError(args.arch_kwargs)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     recipe, start = _recipe_from(args)
+    recipe.resolved()  # every flag checked before any work
     out = train(recipe, args.out, resume=start, tensorboard=args.tensorboard, progress=not args.no_progress)
     if rank == 0:
         lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -4,7 +4,8 @@ Two sources, one call (:func:`build_dataset`):
 
 * ``"digits"``: scikit-learn's bundled handwritten digits (1,797 real 8x8 greyscale images, 10 classes; no download),
   scaled to 32x32 RGB and split 80/20 into train/val with a fixed seed, stratified by class.
-* a folder in ImageNet layout, ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (torchvision ``ImageFolder``).
+* a folder in ImageNet layout, ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (torchvision ``ImageFolder``);
+  16-bit, transparent and other image modes load as 8-bit RGB at their own scale (:func:`to_rgb`).
 
 The transforms are the paper's: random-size crop + horizontal flip for training; resize + centre crop for evaluation;
 mean-channel subtraction only (no division by the standard deviation).
@@ -26,7 +27,8 @@ from torchvision.transforms import v2
 
 from ..errors import DataError
 
-__all__ = ["DIGITS", "IMAGENET_MEAN", "Digits", "build_dataset", "build_transform", "default_mean"]
+__all__ = ["DIGITS", "IMAGENET_MEAN", "Digits", "build_dataset", "build_transform", "default_mean", "to_rgb",
+           "unwrap_worker_error"]
 
 DIGITS = "digits"
 # Per-channel ImageNet mean in [0, 1] pixel units (torchvision's weights use it): the mean that "mean-channel
@@ -117,12 +119,59 @@ def build_transform(
     return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), std)])
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB at the scale its mode means, whatever the mode.
+
+    PIL's own ``convert("RGB")`` clips 16-bit images (``I;16``, ``I``) at 255, so nearly every pixel of a 16-bit PNG
+    would read as white: those are scaled by 255/65535 instead (``I`` is read as 16-bit, what 16-bit PNGs and TIFFs
+    decode to). ``F`` is read as [0, 1] if its values lie there, else as 0..255. Transparent images (``RGBA``,
+    ``LA``, their premultiplied forms, a palette or grey/RGB image with a transparent colour) are composited onto
+    white, as they are shown on a page; ``CMYK``, ``1``, ``L``, ``P``, ``YCbCr`` and the rest convert as PIL does.
+    """
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            scale = 255.0 if values.size and np.nanmax(values) <= 1 else 1.0
+        else:
+            scale = 255.0 / 65535.0
+        grey = np.clip(np.rint(np.nan_to_num(values * scale)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode in ("La", "RGBa"):  # premultiplied alpha
+        image = image.convert(mode.upper())
+    elif mode in ("P", "PA", "L", "RGB") and ("transparency" in image.info or mode == "PA"):
+        image = image.convert("RGBA")
+    if image.mode in ("LA", "RGBA"):
+        page = Image.new("RGB", image.size, (255, 255, 255))
+        page.paste(image.convert("RGB"), mask=image.getchannel("A"))
+        return page
+    return image.convert("RGB")
+
+
 def _load_rgb(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            image = Image.open(f)
+            image.load()  # the whole decode, inside the try: a truncated file is named here
+            return to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # UnidentifiedImageError: OSError
         raise DataError(f"cannot read image {path}: {e}; delete or replace the file") from None
+
+
+def unwrap_worker_error(error: Exception) -> Exception:
+    """``error`` as its own one line if a DataLoader worker re-raised it, else ``error`` itself.
+
+    A worker process hands an exception back as ``type(error)("Caught ... in DataLoader worker process N. Original
+    Traceback ...")``; the original message is the traceback's last line, after the exception's name.
+    """
+    text = str(error)
+    if "Original Traceback" not in text:
+        return error
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+    _, sep, message = last.partition(f"{type(error).__name__}: ")
+    return type(error)(message.strip() if sep else last.strip())
 
 
 def build_dataset(

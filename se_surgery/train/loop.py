@@ -27,11 +27,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..errors import DataError, TrainError
+from ..errors import DataError, Interrupted, SESurgeryError, TrainError
 from ..modes import eval_mode
 from .checkpoint import remove_stale_temps, save_checkpoint
-from .data import build_dataset
+from .data import build_dataset, unwrap_worker_error
 from .distributed import Env, all_sum, broadcast_buffers, check_replicas_in_sync, per_rank, setup, teardown
+from .image_check import check_image_headers
 from .metrics import MetricsWriter, topk_correct
 from .models import build_training_model
 from .recipe import Recipe
@@ -79,6 +80,7 @@ def train(
         TrainError: bad recipe, a batch the ranks cannot share, a resume of another model, a NaN loss, ...
         DataError: missing or unreadable data.
         CheckpointError: a damaged ``resume`` checkpoint.
+        Interrupted: Ctrl-C; the message says where the run stopped and what ``out/last.pt`` holds.
 
     Examples:
         >>> from se_surgery.train.recipe import get_recipe
@@ -86,9 +88,12 @@ def train(
         >>> [json.loads(line)["val_top1"] for line in open(run / "metrics.jsonl")]  # doctest: +SKIP
     """
     env = setup()
+    live: list[RunState] = []  # the run once it is set up, for the message on Ctrl-C
     try:
         with RunLock(out, env):  # one run per folder, released on any exit
-            return _train(recipe, Path(out), resume, tensorboard, progress, env)
+            return _train(recipe, Path(out), resume, tensorboard, progress, env, live)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(Path(out), live[0] if live else None)) from None
     finally:
         teardown(env)
 
@@ -109,6 +114,14 @@ class RunState:
     steps_per_epoch: int
     best: float = -1.0  # best val top-1 so far
     metrics: dict[str, Any] | None = None  # the last finished epoch's metrics line
+    position: tuple[int, int] = (0, 0)  # (epoch, steps into it) the training has reached
+    saved: tuple[int, int] | None = None  # (epoch, epoch_step) that out/last.pt holds, None before the first
+
+    def last_good(self) -> str:
+        """What a stop can point back to: ``out/last.pt`` and what it holds, or that none was written yet."""
+        if self.saved is None:
+            return "no checkpoint was written yet"
+        return f"{self.out / 'last.pt'} is the last good checkpoint (it holds {_holds(self.saved)})"
 
     def payload(self, epoch: int, epoch_step: int, totals: torch.Tensor) -> dict[str, Any]:
         """Everything a checkpoint holds (plain data and tensors only)."""
@@ -132,16 +145,38 @@ class RunState:
         if all_sum(torch.tensor([0.0 if finite else 1.0], dtype=torch.float64), self.env).item():
             raise TrainError(
                 f"the weights became non-finite by step {epoch * self.steps_per_epoch + epoch_step}; "
-                f"{self.out / 'last.pt'} is the last good checkpoint: lower --lr and resume with --resume auto"
+                f"{self.last_good()}: lower --lr and {_go_on(self.saved)}"
             )
         if self.env.is_main:
             payload = self.payload(epoch, epoch_step, totals)
             for name in names:
                 save_checkpoint(self.out / name, payload)
+        if "last.pt" in names:
+            self.saved = (epoch, epoch_step)
+
+
+def _holds(saved: tuple[int, int]) -> str:
+    epoch, step = saved
+    return f"the end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1} up to step {step}"
+
+
+def _go_on(saved: tuple[int, int] | None) -> str:
+    return "resume with --resume auto" if saved else "start again with --resume auto"
+
+
+def _interrupted(out: Path, run: RunState | None) -> str:
+    """The Ctrl-C message: where the run stopped and what its folder holds to go on from."""
+    if run is None:
+        return f"interrupted before the first training step; {out} is as it was"
+    epoch, step = run.position
+    where = f"interrupted at epoch {epoch + 1}, step {step} of {run.steps_per_epoch}"
+    if run.saved is None:
+        return f"{where}; no checkpoint was written yet: start again with --resume auto"
+    return f"{where}; {out / 'last.pt'} holds {_holds(run.saved)}: continue with --resume auto"
 
 
 def _train(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None, tensorboard: bool, progress: bool,
-           env: Env) -> Path:
+           env: Env, live: list[RunState]) -> Path:
     """:func:`train` on this rank: set up (or restore) a :class:`RunState`, then train, evaluate and save per epoch."""
     recipe = _device_notes(recipe.resolved(), env)
     if env.is_main:
@@ -163,6 +198,8 @@ def _train(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None, t
     val_set = build_dataset(recipe.data, "val", **common)
     if list(val_set.classes) != list(train_set.classes):
         raise DataError(f"{recipe.data}: train/ and val/ hold different class folders; give both the same classes")
+    if hasattr(train_set, "samples"):  # an image folder: every file's header read (and cached) before training
+        check_image_headers(recipe.data, [p for s in (train_set, val_set) for p, _ in s.samples], env)
     steps_per_epoch = (recipe.num_samples or len(train_set)) // recipe.batch_size
     if steps_per_epoch == 0:
         raise TrainError(f"an epoch of {recipe.num_samples or len(train_set)} images is less than one batch of "
@@ -198,6 +235,10 @@ def _train(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None, t
         if env.is_main:  # rank 0 carries the interrupted epoch's partial sums; the all-reduce adds the others' zeros
             totals = state["progress"].double()
         log.info("resumed %s at epoch %d, step %d", start.path, start_epoch, epoch_step)
+        if start.path.resolve() == (out / "last.pt").resolve():
+            run.saved = (start_epoch, epoch_step)
+    run.position = (start_epoch, epoch_step)
+    live.append(run)
 
     cuda = env.device.type == "cuda"
     loader = DataLoader(
@@ -290,7 +331,8 @@ def _train_epoch(run: RunState, loader: DataLoader, epoch: int, epoch_step: int,
     bar = tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="step",
                disable=not (progress and env.is_main), dynamic_ncols=True, leave=False)
     started, images, step, micro_index = time.perf_counter(), 0, epoch_step, 0
-    for images_batch, target in loader:
+    run.position = (epoch, step)
+    for images_batch, target in _plain_errors(loader):
         images_batch = images_batch.to(env.device, non_blocking=True)
         target = target.to(env.device, non_blocking=True)
         if recipe.channels_last:
@@ -316,8 +358,7 @@ def _train_epoch(run: RunState, loader: DataLoader, epoch: int, epoch_step: int,
             where = f" on rank {', '.join(map(str, bad))}" if env.world_size > 1 else ""
             raise TrainError(
                 f"the loss became {rows[bad[0]][0]}{where} at step {epoch * steps + step + 1} (epoch {epoch + 1}); "
-                f"nothing saved since; {run.out / 'last.pt'} is the last good checkpoint: lower --lr and resume "
-                "with --resume auto"
+                f"{'nothing saved since; ' if run.saved else ''}{run.last_good()}: lower --lr and {_go_on(run.saved)}"
             )
         value, correct = rows[env.rank]
         local += torch.tensor([value * len(target), correct, len(target)], dtype=torch.float64)
@@ -328,6 +369,7 @@ def _train_epoch(run: RunState, loader: DataLoader, epoch: int, epoch_step: int,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step, micro_index = step + 1, 0
+        run.position = (epoch, step)
         bar.update()
         if bar.n % 5 == 0 or step == steps:
             rate = images / (time.perf_counter() - started)
@@ -344,7 +386,7 @@ def _evaluate(model: nn.Module, loader: DataLoader, env: Env, recipe: Recipe) ->
     """Loss, top-1 and top-5 over the whole validation set: each rank its own shard, then exact sums."""
     sums = torch.zeros(4, dtype=torch.float64)  # loss_sum, top1, top5, n
     with eval_mode(model):
-        for images, target in loader:
+        for images, target in _plain_errors(loader):
             images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
             if recipe.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -355,6 +397,14 @@ def _evaluate(model: nn.Module, loader: DataLoader, env: Env, recipe: Recipe) ->
                                torch.tensor([len(target)], dtype=torch.float64)])
     loss_sum, top1, top5, n = all_sum(sums, env).tolist()
     return {"val_loss": loss_sum / n, "val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n}
+
+
+def _plain_errors(loader: DataLoader):
+    """Iterate ``loader``; an error of the package raised in a worker process comes out as its own one line."""
+    try:
+        yield from loader
+    except SESurgeryError as error:
+        raise unwrap_worker_error(error) from None
 
 
 def _fmt(metrics: dict[str, Any]) -> str:

@@ -9,7 +9,9 @@ and ``mean`` that the evaluation transform needs.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from typing import Any
 
 import torch
@@ -19,15 +21,49 @@ from ..errors import TrainError
 from ..surgery import add_se, se_blocks
 from ..surgery.naming import owner_of
 
-__all__ = ["SURGERY_DEFAULTS", "build_model", "build_training_model", "make_model_config", "surgery_config"]
+__all__ = ["SURGERY_DEFAULTS", "accepted_kwargs", "build_model", "build_training_model", "make_model_config",
+           "surgery_config"]
 
 log = logging.getLogger(__name__)
 _TIMM = "timm:"
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
 SURGERY_DEFAULTS = {"position": "standard", "squeeze": "avg", "excitation": "sigmoid", "bias": True}
 """add_se's keyword arguments for the paper's SE variants (Tables 11, 12, 14-16) and their standard values."""
 
 
 def _base(arch: str, kwargs: dict[str, Any], num_classes: int, pretrained: bool) -> nn.Module:
+    try:
+        return _create(arch, kwargs, num_classes, pretrained)
+    except TypeError as e:  # a keyword the builder does not take, or a value of the wrong type
+        if not kwargs:
+            raise
+        raise TrainError(
+            f"--arch-kwargs {json.dumps(kwargs)} do not fit {arch} ({e}): pass only keyword arguments its builder "
+            "takes, or --arch-kwargs '{}'"
+        ) from None
+
+
+def accepted_kwargs(arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``kwargs`` that the architecture ``arch`` takes, found by building it once (random weights).
+
+    Raises:
+        TrainError: unknown architecture or missing timm.
+    """
+    kept = dict(kwargs)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        while kept:
+            try:
+                _create(arch, kept, 10, pretrained=False)
+                break
+            except TypeError as e:
+                unexpected = _UNEXPECTED.search(str(e))
+                if unexpected is None or unexpected.group(1) not in kept:
+                    return {}  # a rejected value rather than a name: none of them fits
+                del kept[unexpected.group(1)]
+    return kept
+
+
+def _create(arch: str, kwargs: dict[str, Any], num_classes: int, pretrained: bool) -> nn.Module:
     if arch.startswith(_TIMM):
         try:
             import timm

@@ -9,13 +9,18 @@ run folder's ``config.json`` and in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import TrainError
 from .data import DIGITS, default_mean
 
-__all__ = ["Recipe", "RECIPES", "get_recipe"]
+__all__ = ["Recipe", "RECIPES", "get_recipe", "flag_of"]
+
+log = logging.getLogger(__name__)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -30,7 +35,8 @@ class Recipe:
     # --- what to train -----------------------------------------------------------------------------------------
     data: str = _f(DIGITS, "'digits' (embedded, no download) or a folder with train/<class>/* and val/<class>/*")
     arch: str = _f("resnet50", "torchvision.models.get_model name, or timm:<name> (SE-ResNet-50 is the paper's model)")
-    arch_kwargs: dict = _f({}, "extra keyword arguments for the architecture, as JSON", metavar="JSON")
+    arch_kwargs: dict = _f({}, "extra keyword arguments for the architecture, as a JSON object (a recipe's own are "
+                           "dropped, with a note, for an --arch that does not take them)", metavar="JSON")
     se: bool = _f(True, "add SE blocks with se_surgery.add_se (--no-se trains the plain baseline)")
     reduction: int = _f(16, "SE reduction ratio r; the paper's default, ablated over 2..32 (Table 10)")
     se_init: str = _f("he", "SE weight init: he (the paper's, from scratch) or identity (gates start at 1)",
@@ -89,20 +95,48 @@ class Recipe:
         return out
 
     def check(self) -> None:
-        """Raise :class:`TrainError` for values that cannot work."""
+        """Raise :class:`TrainError` for values that cannot work, one line naming the flag, the value and a fix."""
         for name in ("epochs", "batch_size", "accum_steps", "input_size", "resize", "lr_step", "reduction"):
-            if getattr(self, name) < 1:
-                raise TrainError(f"{name}={getattr(self, name)} must be at least 1: pass a positive value")
+            _at_least(self, name, 1)
+        for name in ("num_samples", "val_samples", "eval_batch_size"):  # None: the default
+            if getattr(self, name) is not None:
+                _at_least(self, name, 1)
+        _at_least(self, "workers", 0)
+        _at_least(self, "ckpt_every", 0)
+        if self.batch_size % self.accum_steps:
+            raise TrainError(
+                f"--batch-size {self.batch_size} does not split into --accum-steps {self.accum_steps} equal "
+                f"micro-batches: pass a --batch-size divisible by {self.accum_steps}"
+            )
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise TrainError(f"--lr {self.lr} must be a positive finite number: pass e.g. --lr 0.1")
+        if not 0 <= self.momentum < 1:  # nan fails too
+            raise TrainError(f"--momentum {self.momentum} must be in [0, 1): pass e.g. --momentum 0.9 (0: plain SGD)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise TrainError(f"--weight-decay {self.weight_decay} must be a finite number >= 0: pass e.g. "
+                             "--weight-decay 1e-4 (0: none)")
+        if not 0 < self.lr_gamma <= 1:
+            raise TrainError(f"--lr-gamma {self.lr_gamma} must be in (0, 1]: pass e.g. --lr-gamma 0.1 "
+                             "(1: a constant learning rate)")
         if not 0 < self.min_scale <= 1:
-            raise TrainError(f"min_scale={self.min_scale} must be in (0, 1]: pass e.g. 0.08")
-        if self.mean is not None and len(self.mean) != 3:
-            raise TrainError(f"mean={self.mean} needs three values (R G B, in [0, 1])")
+            raise TrainError(f"--min-scale {self.min_scale} must be in (0, 1]: pass e.g. --min-scale 0.08")
+        if not 0 <= self.seed < 2**63:
+            raise TrainError(f"--seed {self.seed} must be in [0, 2**63): pass e.g. --seed 0")
+        if self.mean is not None:
+            if len(self.mean) != 3:
+                raise TrainError(f"mean={self.mean} needs three values (R G B, in [0, 1])")
+            if not all(0 <= m <= 1 for m in self.mean):
+                raise TrainError(f"--mean {' '.join(map(str, self.mean))}: the mean is in [0, 1] pixel units "
+                                 "(not 0..255): pass e.g. --mean 0.485 0.456 0.406")
         for name, allowed in (("position", ("standard", "pre", "post", "identity", "3x3")),
                               ("squeeze", ("avg", "max", "none")), ("excitation", ("sigmoid", "tanh", "relu"))):
             if getattr(self, name) not in allowed:
                 raise TrainError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
         if self.se_init not in ("he", "identity"):
             raise TrainError(f"se_init={self.se_init!r}: use 'he' or 'identity'")
+        if not isinstance(self.arch_kwargs, dict):
+            raise TrainError(f"--arch-kwargs {self.arch_kwargs!r} must be a JSON object: pass e.g. "
+                             "--arch-kwargs '{\"zero_init_residual\": true}' (or '{}')")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,6 +150,25 @@ class Recipe:
             raise TrainError(f"unknown recipe field(s) {unknown}: valid ones are {sorted(names)}")
         return cls(**values)
 
+
+def flag_of(name: str) -> str:
+    """The command-line flag of the recipe field ``name`` (``input_size`` -> ``--crop``)."""
+    meta = next(f.metadata for f in dataclasses.fields(Recipe) if f.name == name)
+    return meta.get("flag", "--" + name.replace("_", "-"))
+
+
+def _at_least(recipe: Recipe, name: str, low: int) -> None:
+    value = getattr(recipe, name)
+    if value < low:
+        flag = flag_of(name)
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise TrainError(f"{flag} {value} must be {what}: pass e.g. {flag} {_EXAMPLES.get(name, low)}")
+
+
+# A sensible value to suggest for each integer field a message may name.
+_EXAMPLES = {"epochs": 100, "batch_size": 256, "accum_steps": 1, "input_size": 224, "resize": 256, "lr_step": 30,
+             "reduction": 16, "num_samples": 1024, "val_samples": 1000, "eval_batch_size": 256, "workers": 8,
+             "ckpt_every": "0 (only at the end of each epoch)"}
 
 # The paper's recipe is the dataclass's defaults.
 PAPER = Recipe()
@@ -150,6 +203,10 @@ RECIPES: dict[str, Recipe] = {"paper": PAPER, "demo": DEMO}
 def get_recipe(name: str | None = None, data: str = DIGITS, **overrides: Any) -> Recipe:
     """A named recipe with ``overrides`` applied; ``name=None`` picks ``demo`` for the digits, ``paper`` otherwise.
 
+    The recipe's own ``arch_kwargs`` belong to its own ``arch``: with another ``arch`` (and no ``arch_kwargs`` in
+    ``overrides``) those the new architecture does not take are dropped, with a note in the log. ``arch_kwargs``
+    given here are kept as they are (an architecture that rejects them is a :class:`TrainError` when it is built).
+
     Examples:
         >>> r = get_recipe(data="/data/imagenet", batch_size=256).resolved()
         >>> r.arch, r.lr, r.epochs
@@ -158,4 +215,15 @@ def get_recipe(name: str | None = None, data: str = DIGITS, **overrides: Any) ->
     name = name or ("demo" if data == DIGITS else "paper")
     if name not in RECIPES:
         raise TrainError(f"unknown recipe {name!r}: use one of {sorted(RECIPES)}")
-    return dataclasses.replace(RECIPES[name], data=data, **overrides)
+    base = RECIPES[name]
+    arch = overrides.get("arch", base.arch)
+    if arch != base.arch and base.arch_kwargs and "arch_kwargs" not in overrides:
+        from .models import accepted_kwargs  # builds the architecture once: only when it matters
+
+        kept = accepted_kwargs(arch, base.arch_kwargs)
+        if kept != base.arch_kwargs:
+            dropped = {k: v for k, v in base.arch_kwargs.items() if k not in kept}
+            log.info("note: %s does not take the %s recipe's arch_kwargs %s; dropped them (pass --arch-kwargs to "
+                     "set its own)", arch, name, json.dumps(dropped))
+            overrides["arch_kwargs"] = kept
+    return dataclasses.replace(base, data=data, **overrides)
