@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from se_surgery.cli import run_cli
+from se_surgery.cli import ArgumentParser, run_cli
 
 __all__ = ["TABLES", "Variant", "collect", "commands", "main", "sweep"]
 
@@ -428,7 +428,7 @@ def plot_ablations(frame: pd.DataFrame) -> plt.Figure:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.ablations",
         description="Train the variants of the SENet paper's ablation Tables 10-16 with one recipe and seed, and "
                     "tabulate them beside the paper's numbers. Every other flag goes to python -m se_surgery.train "

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 from analysis.ablation import LAST_STAGE, ablate, ablation_blocks  # noqa: E402
 from analysis.capture import capture_excitations, find_gates, model_paper_names  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
-from se_surgery.cli import run_cli  # noqa: E402
+from se_surgery.cli import ArgumentParser, run_cli  # noqa: E402
 from analysis.foreign import Preprocess, build_foreign_model, imagenet_words, load_weights, model_transform  # noqa: E402
 from analysis.excitation_stats import resolve_classes, select_blocks  # noqa: E402
 from analysis.protocol import PAPER_CHANNELS, PAPER_PER_CLASS, paper_blocks, sample_channels  # noqa: E402
@@ -65,7 +65,7 @@ TABLE_COLUMNS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.excitations",
         description="Reproduce the SENet excitation study (Fig. 6-7, Sec. 7.2) on a checkpoint or any SE network.",
         epilog="examples:\n  python -m analysis.excitations --ckpt runs/demo/best.pt --per-class 50 --ablate last-stage\n"

@@ -8,17 +8,21 @@
 - Ctrl-C anywhere else -> ``PROG: interrupted``, exit 130;
 - an ``OSError`` from the file system (a read-only or full disk, a path that is a file) -> the path and the reason,
   exit 2.
+
+Their parsers are :class:`ArgumentParser`, so a flag argparse itself refuses (``--epochs abc``) is one line too.
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from .errors import Interrupted, SESurgeryError
 
-__all__ = ["run_cli", "one_line"]
+__all__ = ["ArgumentParser", "run_cli", "one_line"]
 
 _OS_ADVICE = {
     errno.ENOSPC: "free some disk space (or pick another --out) and run the command again",
@@ -31,6 +35,13 @@ _OS_ADVICE = {
     errno.EISDIR: "the path is a folder, not a file: name the file inside it",
     errno.ENOENT: "check the path",
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with one-line usage errors: ``PROG: error: MESSAGE (see PROG --help)``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def one_line(error: BaseException) -> str:

@@ -8,7 +8,6 @@ importing this module must not hide it, so the module itself is callable and for
 
 from __future__ import annotations
 
-import argparse
 import sys
 import types
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cli import run_cli
+from .cli import ArgumentParser, run_cli
 from .errors import SurgeryError
 from .modes import eval_mode
 from .surgery.cost import PAPER, Summary, paper_tables, summary
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m se_surgery.summary",
         description="Parameters and multiply-adds of a model and its SE version, next to the SENet paper.",
     )

@@ -10,7 +10,7 @@ import os
 import typing
 from pathlib import Path
 
-from ..cli import run_cli
+from ..cli import ArgumentParser, run_cli
 from ..errors import TrainError
 from .loop import train
 from .recipe import PAPER, RECIPES, Recipe, get_recipe
@@ -62,7 +62,7 @@ def _json_object(text: str) -> dict | _BadJSON:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Retrain an SE network the SENet paper's way (SGD, class-aware sampling, step decay).",
         epilog=_EXAMPLES,
