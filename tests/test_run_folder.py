@@ -353,3 +353,25 @@ def test_a_full_disk_or_ctrl_c_while_training_keeps_last_pt_and_leaves_no_temp_f
     _fail_after(monkeypatch, KeyboardInterrupt())
     assert main(["--out", str(out), "--resume", "auto", "--epochs", "3", "--no-progress"]) == 130
     assert (out / "last.pt").read_bytes() == before and sorted(p.name for p in out.iterdir()) == files
+
+
+def test_ctrl_c_that_torchs_zip_writer_reports_as_its_own_error_is_still_an_interruption(tmp_path, tiny, capsys,
+                                                                                         monkeypatch):
+    """A real SIGINT inside torch.save ends in torch's RuntimeError raised while handling the KeyboardInterrupt."""
+    out = _copy(tiny, tmp_path)
+    before = (out / "last.pt").read_bytes()
+
+    def save(obj, f, *args, **kwargs):
+        try:
+            f.write(b"PK\x03\x04 part of a zip")
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 51644608 vs 51644496")
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    assert main(["--out", str(out), "--resume", "auto", "--epochs", "3", "--no-progress"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("python -m se_surgery.train: interrupted at epoch 3"), err
+    assert f"{out / 'last.pt'} holds the end of epoch 2: continue with --resume auto" in err, err
+    assert (out / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]

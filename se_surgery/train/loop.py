@@ -94,6 +94,10 @@ def train(
             return _train(recipe, Path(out), resume, tensorboard, progress, env, live)
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(Path(out), live[0] if live else None)) from None
+    except RuntimeError as error:  # torch's C++ code (the zip writer of a save, say) reports Ctrl-C as its own error
+        if not _caused_by_ctrl_c(error):
+            raise
+        raise Interrupted(_interrupted(Path(out), live[0] if live else None)) from None
     finally:
         teardown(env)
 
@@ -162,6 +166,17 @@ def _holds(saved: tuple[int, int]) -> str:
 
 def _go_on(saved: tuple[int, int] | None) -> str:
     return "resume with --resume auto" if saved else "start again with --resume auto"
+
+
+def _caused_by_ctrl_c(error: BaseException | None) -> bool:
+    """Whether a KeyboardInterrupt stands anywhere in ``error``'s chain of causes."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _interrupted(out: Path, run: RunState | None) -> str:
