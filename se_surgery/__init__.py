@@ -14,7 +14,7 @@ from importlib import import_module
 from typing import Any
 
 from .errors import CheckpointError, DataError, SurgeryError, TrainError
-from .surgery import add_se, paper_names, remove_se, se_blocks, summary
+from .surgery import SEConfig, add_se, paper_names, remove_se, se_blocks, summary
 
 __all__ = [
     "add_se",
@@ -22,6 +22,7 @@ __all__ = [
     "se_blocks",
     "paper_names",
     "summary",
+    "SEConfig",
     "ClassAwareSampler",
     "load_checkpoint",
     "SurgeryError",

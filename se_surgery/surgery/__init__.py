@@ -14,8 +14,9 @@ The pass runs probe -> tracing -> residual rule -> rewrite, with naming (``SE_<s
 Nothing here imports the trainer.
 """
 
+from .config import SEConfig
 from .cost import Summary, summary
 from .rewrite import add_se, paper_names, remove_se, se_blocks
 from .se_module import SELayer
 
-__all__ = ["add_se", "remove_se", "se_blocks", "paper_names", "summary", "Summary", "SELayer"]
+__all__ = ["add_se", "remove_se", "se_blocks", "paper_names", "summary", "Summary", "SELayer", "SEConfig"]
