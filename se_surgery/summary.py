@@ -18,7 +18,8 @@ from torch import nn
 from .cli import ArgumentParser, run_cli
 from .errors import SurgeryError
 from .modes import eval_mode
-from .surgery.cost import PAPER, Summary, paper_tables, summary
+from .paper import TABLE2
+from .surgery.cost import Summary, paper_tables, summary
 from .surgery.positions import POSITIONS
 from .surgery.se_module import EXCITATIONS, SQUEEZES
 
@@ -129,8 +130,8 @@ def _main(argv: list[str] | None) -> None:
     print(f"{args.arch} -> SE-{args.arch}, r={args.reduction}{', ' + changed if changed else ''}, "
           f"{args.input_size}x{args.input_size} input\n")
     print(result)
-    if args.arch in PAPER and args.reduction == 16 and args.input_size == 224 and not changed:
-        (p0, p1), (g0, g1) = PAPER[args.arch]["params"], PAPER[args.arch]["gmacs"]
+    if args.arch in TABLE2 and args.reduction == 16 and args.input_size == 224 and not changed:
+        (p0, p1), (g0, g1) = TABLE2[args.arch]["params"], TABLE2[args.arch]["gmacs"]
         print(
             f"\n{'':14}{'ours':>22}{'paper (SENet Table 2)':>26}\n"
             f"{'params (M)':14}{result.params_base / 1e6:>10.1f} -> {result.params_se / 1e6:<8.1f}{p0:>14.1f} -> {p1:.1f}\n"

@@ -11,26 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import SurgeryError
 from ..modes import eval_mode
+from ..paper import COST_TABLES
 
-__all__ = ["Summary", "summary", "count_macs", "paper_tables", "PAPER", "PAPER_TABLES"]
-
-# SENet (TPAMI), Table 2: parameters (M) and GFLOPs (multiply-adds) of the base network and its SE version, r = 16.
-PAPER = {
-    "resnet50": {"params": (25.6, 28.1), "gmacs": (3.86, 3.87)},
-    "resnet101": {"params": (44.5, 49.3), "gmacs": (7.58, 7.60)},
-    "resnet152": {"params": (60.2, 66.8), "gmacs": (11.30, 11.32)},
-}
-# SENet (TPAMI) ablations on ResNet-50: per table, rows of (label, add_se options or None for the plain network,
-# the paper's parameters (M), its GFLOPs where the table gives them). Our counts use the default biased FC layers
-# (Table 10's 28.1M at r = 16 is Table 2's); without biases every count here still rounds to the paper's.
-PAPER_TABLES: dict[str, list[tuple[str, dict | None, float, float | None]]] = {
-    "Table 10: reduction ratio r": [(f"r = {r}", {"reduction": r}, p, None) for r, p in
-                                    ((2, 45.7), (4, 35.7), (8, 30.7), (16, 28.1), (32, 26.9))],
-    "Table 13: SE in one stage": [(f"stage {s} only", {"where": [s]}, p, None) for s, p in ((2, 25.6), (3, 25.7), (4, 26.4))],
-    "Table 15: SE 3x3": [("SE 3x3", {"position": "3x3"}, 25.8, None)],
-    "Table 16: NoSqueeze": [("ResNet-50", None, 25.6, 3.86), ("NoSqueeze", {"squeeze": "none"}, 28.1, 4.27),
-                            ("SE", {}, 28.1, 3.87)],
-}
+__all__ = ["Summary", "summary", "count_parameters", "count_macs", "paper_tables"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +43,11 @@ class Summary:
         )
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of ``model`` (every tensor once, shared ones counted once, as ``model.parameters()`` yields them)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224)) -> int:
     """Multiply-adds of one forward (half of torch's FLOP count, which counts 2 per multiply-add)."""
     ref = next(model.parameters())
@@ -85,8 +73,8 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224), **
     base = remove_se(model)
     return Summary(
         se_blocks=len(se_blocks(model)),
-        params_base=sum(p.numel() for p in base.parameters()),
-        params_se=sum(p.numel() for p in model.parameters()),
+        params_base=count_parameters(base),
+        params_se=count_parameters(model),
         macs_base=count_macs(base, input_size),
         macs_se=count_macs(model, input_size),
     )
@@ -95,7 +83,7 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224), **
 def paper_tables(
     make_base: Callable[[], nn.Module], input_size: tuple[int, ...] = (1, 3, 224, 224)
 ) -> list[dict[str, Any]]:
-    """Our cost of every variant in :data:`PAPER_TABLES` beside the paper's, one dict per row.
+    """Our cost of every variant in :data:`se_surgery.paper.COST_TABLES` beside the paper's, one dict per row.
 
     Args:
         make_base: builds the plain network (``torchvision.models.resnet50``); called once.
@@ -105,12 +93,12 @@ def paper_tables(
 
     base = make_base()
     rows = []
-    for table, variants in PAPER_TABLES.items():
+    for table, variants in COST_TABLES.items():
         for label, options, paper_params, paper_gflops in variants:
             model = base if options is None else add_se(base, **options)
             rows.append({
                 "table": table, "variant": label, "options": options,
-                "params": sum(p.numel() for p in model.parameters()), "paper params (M)": paper_params,
+                "params": count_parameters(model), "paper params (M)": paper_params,
                 "macs": count_macs(model, input_size) if paper_gflops is not None else None,
                 "paper GFLOPs": paper_gflops,
             })
