@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .residual import _PASS_THROUGH, Residual, Skipped, _shape, learned_layers
+from .layer_types import LayerKind, is_layer
+from .residual import Residual, _shape, learned_layers
+from .skips import SkipKind, Skipped
 
 __all__ = ["POSITIONS", "Position", "Placement", "place"]
 
@@ -24,8 +26,6 @@ POSITIONS: tuple[str, ...] = ("standard", "pre", "post", "identity", "3x3")
 _ACTIVATION_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.mish,
                          F.leaky_relu, F.elu}
 _ACTIVATION_METHODS = {"relu", "relu_"}
-_ACTIVATION_NAMES = re.compile(r"relu|silu|swish|gelu|mish|elu$|hardtanh|^act", re.IGNORECASE)
-_NORM_NAMES = re.compile(r"norm|^bn", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     module = _module(node, modules)
     if module is not None:
         return type(module).__module__ == "torch.nn.modules.activation" or bool(
-            _ACTIVATION_NAMES.search(type(module).__name__) and learned_layers(module) == 0
+            is_layer(module, LayerKind.ACTIVATION) and learned_layers(module) == 0
         )
     return (node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS) or (
         node.op == "call_method" and node.target in _ACTIVATION_METHODS
@@ -57,8 +57,8 @@ def _is_norm_or_pass_through(node: fx.Node, modules: dict[str, nn.Module]) -> bo
     module = _module(node, modules)
     if module is None or learned_layers(module):
         return False
-    name = type(module).__name__
-    return bool(_NORM_NAMES.search(name) or (_PASS_THROUGH.search(name) and next(module.parameters(), None) is None))
+    no_params = next(module.parameters(), None) is None
+    return is_layer(module, LayerKind.NORM) or (is_layer(module, LayerKind.PASS_THROUGH) and no_params)
 
 
 def _spatial_conv(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -74,18 +74,19 @@ def _sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _after_3x3(r: Residual, modules: dict[str, nn.Module], order: dict[fx.Node, int]) -> fx.Node | Skipped:
-    nodes = sorted(r.path, key=order.__getitem__)
+def _after_3x3(unit: Residual, modules: dict[str, nn.Module], order: dict[fx.Node, int]) -> fx.Node | Skipped:
+    nodes = sorted(unit.path, key=order.__getitem__)
     learned = [i for i, n in enumerate(nodes) if (m := _module(n, modules)) is not None and learned_layers(m)]
     inner = [i for i, n in enumerate(nodes) if _spatial_conv(n, modules) and learned and learned[-1] > i]
     if not inner:
         return Skipped(
-            r.add,
+            unit.add,
+            SkipKind.NO_POSITION,
             "position='3x3' needs a spatial convolution (kernel > 1) inside the branch with more layers after it, "
             "and this branch has none the SE can go after (its convolutions are 1x1, or inside one module)",
         )
     node = nodes[inner[-1]]
-    while (user := _sole_user(node)) is not None and user in r.path:  # the conv's norm, drop-block, activation
+    while (user := _sole_user(node)) is not None and user in unit.path:  # the conv's norm, drop-block, activation
         if _is_activation(user, modules):
             return user
         if not _is_norm_or_pass_through(user, modules):
@@ -94,8 +95,8 @@ def _after_3x3(r: Residual, modules: dict[str, nn.Module], order: dict[fx.Node, 
     return node
 
 
-def place(r: Residual, position: Position, modules: dict[str, nn.Module], order: dict[fx.Node, int]) -> Placement | Skipped:
-    """Where the SE of residual sum ``r`` goes for ``position`` (SENet Fig. 5 and Sec. 6.5).
+def place(unit: Residual, position: Position, modules: dict[str, nn.Module], order: dict[fx.Node, int]) -> Placement | Skipped:
+    """Where the SE of residual unit ``unit`` goes for ``position`` (SENet Fig. 5 and Sec. 6.5).
 
     - ``"standard"``: on the branch after its last norm, before drop-path / layer-scale and the sum (Fig. 5b);
     - ``"pre"`` (SE-PRE): on the unit's input at the start of the branch; the skip takes the input unchanged;
@@ -107,21 +108,21 @@ def place(r: Residual, position: Position, modules: dict[str, nn.Module], order:
         modules: the owner's ``named_modules()``; order: each node's position in the graph.
     """
     if position == "standard":
-        return Placement(r, r.insert_after, (r.consumer,), r.channels)
+        return Placement(unit, unit.insert_after, (unit.consumer,), unit.channels)
     if position == "identity":
-        return Placement(r, r.skip, (r.add,), r.channels)
+        return Placement(unit, unit.skip, (unit.add,), unit.channels)
     if position == "post":
-        after = r.add
+        after = unit.add
         user = _sole_user(after)
         if user is not None and _is_activation(user, modules):
             after = user
-        return Placement(r, after, tuple(after.users), r.channels)
+        return Placement(unit, after, tuple(after.users), unit.channels)
     if position == "pre":
-        shape = _shape(r.root)
+        shape = _shape(unit.root)
         if shape is None or len(shape) != 4:
-            return Skipped(r.add, "position='pre' needs the block's input to be one N x C x H x W tensor")
-        return Placement(r, r.root, tuple(u for u in r.root.users if u in r.path), int(shape[1]))
-    after = _after_3x3(r, modules, order)
+            return Skipped(unit.add, SkipKind.NO_POSITION, "position='pre' needs the block's input to be one N x C x H x W tensor")
+        return Placement(unit, unit.root, tuple(u for u in unit.root.users if u in unit.path), int(shape[1]))
+    after = _after_3x3(unit, modules, order)
     if isinstance(after, Skipped):
         return after
-    return Placement(r, after, tuple(after.users), int(_shape(after)[1]))
+    return Placement(unit, after, tuple(after.users), int(_shape(after)[1]))

@@ -27,7 +27,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torchvision.ops import SqueezeExcitation
+
+from .layer_types import LayerKind, is_layer
+from .skips import SkipKind, Skipped
 
 __all__ = ["Residual", "Skipped", "find_sums", "classify_sum", "residual_units", "learned_layers"]
 
@@ -37,14 +39,6 @@ _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torc
 _MUL_METHODS = {"mul", "mul_", "div", "div_"}
 _GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.softmax, F.softmax}
 _GATE_METHODS = {"sigmoid", "sigmoid_", "softmax"}
-# Parameter-free modules a branch may end with after its last norm: the SE goes before them (paper's "standard SE").
-_PASS_THROUGH = re.compile(r"drop|stochastic|identity", re.IGNORECASE)
-_LAYER_SCALE = re.compile(r"layerscale", re.IGNORECASE)
-# Attention / gating modules that make a branch "already gated" (torchvision, timm, common user names).
-_GATE_MODULES = re.compile(
-    r"squeeze|excit|(^|effective)se(layer|module|block)?$|eca(module)?$|cbam|globalcontext|selectivekernel|attention|attn",
-    re.IGNORECASE,
-)
 
 
 @dataclass(frozen=True)
@@ -59,14 +53,6 @@ class Residual:
     channels: int
     root: fx.Node | None = None  # the operands' latest common ancestor: the block's input as both sides see it
     path: frozenset[fx.Node] = frozenset()  # the branch's nodes after ``root``, up to ``branch``
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A same-shape tensor sum that gets no SE, and why."""
-
-    add: fx.Node
-    reason: str
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -126,9 +112,8 @@ def _pass_through_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node
     """If ``node`` is a drop-path / layer-scale step, the branch tensor it scales; else None."""
     if node.op == "call_module":
         module = modules[node.target]
-        name = type(module).__name__
         no_params = next(module.parameters(), None) is None
-        if (no_params and _PASS_THROUGH.search(name)) or _LAYER_SCALE.search(name):
+        if (no_params and is_layer(module, LayerKind.PASS_THROUGH)) or is_layer(module, LayerKind.LAYER_SCALE):
             return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         return None
     target = getattr(node.target, "__name__", str(node.target))
@@ -183,10 +168,7 @@ def _is_part(root: fx.Node, skip: fx.Node) -> bool:
 
 def _is_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return any(
-            isinstance(m, SqueezeExcitation) or _GATE_MODULES.search(type(m).__name__)
-            for m in modules[node.target].modules()
-        )
+        return any(is_layer(m, LayerKind.GATE) for m in modules[node.target].modules())
     is_gate_fn = (node.op == "call_function" and node.target in _GATE_FUNCTIONS) or (
         node.op == "call_method" and node.target in _GATE_METHODS
     )
@@ -211,7 +193,7 @@ def classify_sum(
     """
     shape = _shape(a)
     if len(shape) != 4:
-        return Skipped(add, f"a sum of {len(shape)}-D tensors (a transformer-style block?), SE needs N x C x H x W")
+        return Skipped(add, SkipKind.NOT_NCHW, f"a sum of {len(shape)}-D tensors (a transformer-style block?), SE needs N x C x H x W")
 
     def weight(n: fx.Node) -> int:
         if n.op == "call_module":
@@ -227,26 +209,27 @@ def classify_sum(
         arg, other = (a, b) if a.op == "placeholder" else (b, a)
         inputs = [n for n in _ancestors(other) if n.op == "placeholder"]
         if arg.op != "placeholder" or not inputs:
-            return Skipped(add, "its operands share no input, so neither is a skip connection")
+            return Skipped(add, SkipKind.NO_SHARED_INPUT, "its operands share no input, so neither is a skip connection")
         root = max(inputs, key=lambda n: _heaviest_path(n, other, order, weight)[0])  # where the branch starts
         heavy = _heaviest_path(root, other, order, weight)
         (wa, path_a), (wb, path_b) = (((0, set()), heavy) if arg is a else (heavy, (0, set())))
     if wa == wb:
-        return Skipped(add, f"both operands carry {wa} learned layer(s), so neither is the skip")
+        return Skipped(add, SkipKind.TIE, f"both operands carry {wa} learned layer(s), so neither is the skip")
     (branch, path, heavy), (skip, light) = ((a, path_a, wa), (b, wb)) if wa > wb else ((b, path_b, wb), (a, wa))
     if light > 1:
-        return Skipped(add, f"the lighter operand carries {light} learned layers; a skip has at most one")
+        return Skipped(add, SkipKind.HEAVY_SKIP, f"the lighter operand carries {light} learned layers; a skip has at most one")
     if common and light == 0 and _is_part(root, skip):
         return Skipped(
             add,
+            SkipKind.INNER_SUM,
             "its lighter operand is only a piece of the block's tensor (a channel split or chunk: an inner sum, as "
             "Res2Net's hierarchical splits), not the input carried forward",
         )
     if any(_is_gate(n, modules) for n in path):
-        return Skipped(add, "its branch already holds an SE / attention gate")
+        return Skipped(add, SkipKind.GATED, "its branch already holds an SE / attention gate")
     width = _last_width(path, modules, order)
     if width is not None and width == shape[-1]:
-        return Skipped(add, f"its branch ends in a linear map over the last dimension ({width} features; dim 1 has "
+        return Skipped(add, SkipKind.CHANNELS_LAST, f"its branch ends in a linear map over the last dimension ({width} features; dim 1 has "
                        f"{shape[1]}): a channels-last N x H x W x C tensor, not N x C x H x W")
     insert, consumer = branch, add
     while (inner := _pass_through_input(insert, modules)) is not None and len(inner.users) == 1:
@@ -274,7 +257,7 @@ def residual_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[Resid
         )
 
     return [
-        Skipped(v.add, "it lies inside the branch of another residual sum of the same block (one SE per unit)")
+        Skipped(v.add, SkipKind.INNER_SUM, "it lies inside the branch of another residual sum of the same block (one SE per unit)")
         if isinstance(v, Residual) and nested(v)
         else v
         for v in verdicts

@@ -1,0 +1,35 @@
+"""Why a place gets no SE: one :class:`SkipKind` per reason, so code tests the kind and people read the text."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from torch import fx
+
+__all__ = ["SkipKind", "Skipped"]
+
+
+class SkipKind(enum.Enum):
+    """The kinds of places a plan leaves without SE (the value is the short label its table prints)."""
+
+    NOT_NCHW = "not N x C x H x W"  # a sum of 3-D tokens or 5-D volumes
+    NO_SHARED_INPUT = "no skip"  # the operands share no input
+    TIE = "tie"  # both operands carry as many learned layers
+    HEAVY_SKIP = "heavy skip"  # the lighter operand carries more than one learned layer
+    INNER_SUM = "inner sum"  # a sum between channel splits (Res2Net), or inside another unit's branch
+    GATED = "gated"  # the branch already holds an SE / attention gate
+    CHANNELS_LAST = "channels-last"  # a token MLP over N x H x W x C
+    HOLDS_SE = "holds SE"  # the owner already holds an SE from add_se
+    NO_POSITION = "no position"  # the chosen position has no place in this unit (3x3, pre)
+    NARROW = "narrow"  # fewer channels than r: C // r would be 0
+    NOT_SELECTED = "not selected"  # left out by where=
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A same-shape tensor sum that gets no SE: its node, the kind of reason, and the reason in words."""
+
+    add: fx.Node
+    kind: SkipKind
+    reason: str
