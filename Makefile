@@ -16,7 +16,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m se_surgery.summary resnet50
+	$(PY) -m se_surgery.describe resnet50
 	# --resume auto: a rerun continues (or, once finished, just reports) runs/demo instead of refusing it
 	$(PY) -m se_surgery.train --out runs/demo --resume auto
 	$(PY) -m analysis.excitations --ckpt runs/demo/best.pt --per-class 50 --ablate last-stage

@@ -1,6 +1,6 @@
 """The one way every command line of the project ends on an error: one line on stderr, no traceback.
 
-``python -m se_surgery.train``, ``python -m se_surgery.summary``, ``python -m analysis.excitations`` and
+``python -m se_surgery.train``, ``python -m se_surgery.describe``, ``python -m analysis.excitations`` and
 ``python -m analysis.ablations`` all run their ``main`` through :func:`run_cli`:
 
 - an :class:`~se_surgery.errors.SESurgeryError` (what is wrong + what to do) -> ``PROG: error: ...``, exit 2

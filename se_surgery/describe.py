@@ -1,15 +1,14 @@
-"""``python -m se_surgery.summary resnet50``: an SE model's cost next to its base and the SENet paper's Table 2.
+"""``python -m se_surgery.describe resnet50``: what add_se would do to a model, and its cost beside the paper's.
 
-The options are :func:`se_surgery.add_se`'s (``--reduction``, ``--where``, ``--position``, ``--squeeze``,
-``--excitation``, ``--no-bias``); ``--paper-tables`` prints the cost columns of the paper's ablation Tables 10, 13,
-15 and 16 for ResNet-50, ours beside the paper's. The function :func:`se_surgery.summary` shares this module's name;
-importing this module must not hide it, so the module itself is callable and forwards to it.
+It prints the plan (:func:`se_surgery.plan`: one row per SE block, then what is skipped and why), then the SE model's
+parameters and multiply-adds next to its base and, for the paper's ResNets, Table 2. The options are
+:func:`se_surgery.add_se`'s (``--reduction``, ``--where``, ``--position``, ``--squeeze``, ``--excitation``,
+``--no-bias``); ``--paper-tables`` prints the cost columns of the paper's ablation Tables 10, 13, 15 and 16 for
+ResNet-50, ours beside the paper's. ``python -m se_surgery.summary`` is the same command's deprecated name.
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
 import torch
@@ -19,11 +18,12 @@ from .cli import ArgumentParser, run_cli
 from .errors import SurgeryError
 from .modes import eval_mode
 from .paper import TABLE2
+from .surgery import SEConfig, apply_plan, plan
 from .surgery.cost import Summary, paper_tables, summary
-from .surgery.positions import POSITIONS
-from .surgery.se_module import EXCITATIONS, SQUEEZES
 
-__all__ = ["main", "summary", "Summary"]
+__all__ = ["main"]
+
+PROG = "python -m se_surgery.describe"
 
 _TIMM = "timm:"
 _RESIDUAL_EXAMPLES = "resnet50, resnext50_32x4d, mobilenet_v2, regnet_x_400mf, convnext_tiny or timm:resnet50"
@@ -67,8 +67,8 @@ def _print_paper_tables(rows: list[dict[str, Any]], size: int) -> None:
     )
 
 
-def _summary(arch: str, model: nn.Module, size: tuple[int, ...], **options: Any) -> Summary:
-    """:func:`summary` at the CLI's input size, its refusals worded for a command line instead of Python keywords."""
+def _describe(arch: str, model: nn.Module, size: tuple[int, ...], **options: Any) -> tuple[str, Summary]:
+    """The plan's table and :func:`summary` at the CLI's input size, refusals worded for a command line."""
     try:
         with eval_mode(model), torch.no_grad():
             model(torch.zeros(size))
@@ -80,11 +80,13 @@ def _summary(arch: str, model: nn.Module, size: tuple[int, ...], **options: Any)
         ) from None
     try:
         # batch 2, as add_se's own probe: a broadcast over the batch never looks like a residual sum
-        return summary(model, size, example_input=torch.zeros(2, *size[1:]), **options)
+        chosen = plan(model, example_input=torch.zeros(2, *size[1:]), **options)
+        table = str(chosen)
+        return table, summary(apply_plan(chosen, inplace=True), size)
     except SurgeryError as err:
         found = getattr(err, "no_unit", None)
         if found is None:
-            raise
+            raise SurgeryError(str(err).replace("where= item", "--where item")) from None
         raise SurgeryError(
             f"{arch} has no residual CNN unit an SE can go on; {found}. The summary measures SE on residual CNNs: "
             f"try {_RESIDUAL_EXAMPLES}"
@@ -92,22 +94,24 @@ def _summary(arch: str, model: nn.Module, size: tuple[int, ...], **options: Any)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m se_surgery.summary``: 0, or 2 with one line on stderr for a model the surgery refuses."""
-    return run_cli(_main, argv, prog="python -m se_surgery.summary")
+    """``python -m se_surgery.describe``: 0, or 2 with one line on stderr for a model the surgery refuses."""
+    return run_cli(_main, argv, prog=PROG)
 
 
 def _main(argv: list[str] | None) -> None:
     parser = ArgumentParser(
-        prog="python -m se_surgery.summary",
-        description="Parameters and multiply-adds of a model and its SE version, next to the SENet paper.",
+        prog=PROG,
+        description="What add_se would do to a model (its plan), and the parameters and multiply-adds of the model "
+        "and its SE version, next to the SENet paper.",
     )
     parser.add_argument("arch", nargs="?", default="resnet50", help="a torchvision.models.get_model name, or timm:NAME")
     parser.add_argument("--reduction", "-r", type=int, default=16, help="the reduction ratio r (default 16)")
     parser.add_argument("--where", type=_where, default=None,
                         help="blocks that get an SE: paper stages (2,3), owner prefixes (layer3) or paper names")
-    parser.add_argument("--position", choices=POSITIONS, default="standard", help="where the SE goes (Fig. 5)")
-    parser.add_argument("--squeeze", choices=tuple(SQUEEZES), default="avg", help="squeeze operator (Tables 11, 16)")
-    parser.add_argument("--excitation", choices=tuple(EXCITATIONS), default="sigmoid", help="gate (Table 12)")
+    defaults, choices = SEConfig.defaults(), SEConfig.choices()
+    for name in ("position", "squeeze", "excitation"):
+        help = f"{SEConfig.__dataclass_fields__[name].metadata['help']} (default {defaults[name]})"
+        parser.add_argument(f"--{name}", choices=choices[name], default=defaults[name], help=help)
     parser.add_argument("--no-bias", dest="bias", action="store_false", help="FC layers without bias (ablations)")
     parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
     parser.add_argument("--paper-tables", action="store_true",
@@ -125,10 +129,11 @@ def _main(argv: list[str] | None) -> None:
         return
     options = {"where": args.where, "position": args.position, "squeeze": args.squeeze,
                "excitation": args.excitation, "bias": args.bias}
-    result = _summary(args.arch, make_base(), size, reduction=args.reduction, **options)
+    table, result = _describe(args.arch, make_base(), size, reduction=args.reduction, **options)
     changed = ", ".join(f"{k}={v}" for k, v in options.items() if parser.get_default(k) != v)
     print(f"{args.arch} -> SE-{args.arch}, r={args.reduction}{', ' + changed if changed else ''}, "
           f"{args.input_size}x{args.input_size} input\n")
+    print(table + "\n")
     print(result)
     if args.arch in TABLE2 and args.reduction == 16 and args.input_size == 224 and not changed:
         (p0, p1), (g0, g1) = TABLE2[args.arch]["params"], TABLE2[args.arch]["gmacs"]
@@ -142,12 +147,5 @@ def _main(argv: list[str] | None) -> None:
         )
 
 
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs) -> Summary:
-        return summary(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

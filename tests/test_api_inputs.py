@@ -1,4 +1,4 @@
-"""Misuse of the surgery API and of ``python -m se_surgery.summary``: one line naming the problem and the fix, as a
+"""Misuse of the surgery API and of ``python -m se_surgery.describe``: one line naming the problem and the fix, as a
 SurgeryError (the API never exits), and the model given stays untouched."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from se_surgery import SurgeryError, add_se, paper_names, remove_se, se_blocks
 
 from .analysis_models import one_line_error
 
-summary_cli = importlib.import_module("se_surgery.summary")
+summary_cli = importlib.import_module("se_surgery.describe")
 
 
 def resnet18() -> nn.Module:

@@ -7,13 +7,13 @@ import pytest
 from analysis import ablations, excitations
 from se_surgery.train import cli as train_cli
 
-summary = importlib.import_module("se_surgery.summary")  # the module: the package attribute is the function
+describe = importlib.import_module("se_surgery.describe")
 
 
 @pytest.mark.parametrize("main, args, message", [
     (train_cli.main, ["--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
     (train_cli.main, ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (summary.main, ["resnet50", "--input-size", "x"], "argument --input-size: invalid int value: 'x'"),
+    (describe.main, ["resnet50", "--input-size", "x"], "argument --input-size: invalid int value: 'x'"),
     (excitations.main, ["--ckpt", "a.pt", "--batch-size", "many"], "argument --batch-size: invalid int value"),
     (excitations.main, [], "one of the arguments --ckpt --model is required"),
     (ablations.main, ["--table", "nope"], "argument --table: invalid choice: 'nope'"),

@@ -355,7 +355,7 @@ def test_summary_cli_refuses_a_model_without_residuals_in_one_line():
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-m", "se_surgery.summary", "vgg11"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "se_surgery.describe", "vgg11"], capture_output=True, text=True)
     assert run.returncode == 2 and "no residual sum in VGG" in run.stderr and "Traceback" not in run.stderr
 
 

@@ -232,7 +232,7 @@ def test_summary_cli_takes_the_options_and_prints_the_paper_tables():
     import sys
 
     def cli(*args: str) -> str:
-        run = subprocess.run([sys.executable, "-m", "se_surgery.summary", *args], capture_output=True, text=True)
+        run = subprocess.run([sys.executable, "-m", "se_surgery.describe", *args], capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         return run.stdout
 

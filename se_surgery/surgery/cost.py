@@ -1,4 +1,4 @@
-"""Parameters and multiply-adds of an SE model side by side with its base model (``python -m se_surgery.summary``)."""
+"""Parameters and multiply-adds of an SE model side by side with its base model (``python -m se_surgery.describe``)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224), **
         input_size: the input the multiply-adds are counted on.
         se_options: :func:`add_se`'s keywords (``reduction``, ``where``, ``position``, ``squeeze``, ...).
     """
-    from .rewrite import add_se, remove_se, se_blocks
+    from .insert import add_se
+    from .remove import remove_se, se_blocks
 
     if se_options or not se_blocks(model):
         if se_blocks(model):
@@ -89,7 +90,7 @@ def paper_tables(
         make_base: builds the plain network (``torchvision.models.resnet50``); called once.
         input_size: where multiply-adds are counted (only for rows whose table gives GFLOPs).
     """
-    from .rewrite import add_se
+    from .insert import add_se
 
     base = make_base()
     rows = []

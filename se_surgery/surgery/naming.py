@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
-__all__ = ["SE_LEAF", "is_resnet_block", "se_name", "owner_of", "paper_names_for", "resolve_blocks"]
+from torch import nn
+
+from ..paper import format_paper_name
+
+__all__ = ["SE_LEAF", "se_children", "is_resnet_block", "se_name", "owner_of", "paper_names_for", "resolve_blocks"]
 
 _RESNET_BLOCK = re.compile(r"(?:^|\.)layer(\d+)\.(\d+)$")  # torchvision and timm ResNet / ResNeXt / Wide ResNet
 SE_LEAF = re.compile(r"se(?:_(\d+))?")  # the leaf name add_se registers an SE under
@@ -15,6 +19,11 @@ def se_name(owner: str, index: int) -> str:
     """Module name of the ``index``-th SE in ``owner``'s forward: ``<owner>.se``, ``<owner>.se_1``, ..."""
     leaf = "se" if index == 0 else f"se_{index}"
     return f"{owner}.{leaf}" if owner else leaf
+
+
+def se_children(owner: nn.Module) -> set[str]:
+    """Names of ``owner``'s direct children that add_se made (they carry its ``_se_surgery`` metadata)."""
+    return {leaf for leaf, child in owner.named_children() if isinstance(child.__dict__.get("_se_surgery"), dict)}
 
 
 def owner_of(name: str) -> tuple[str, int]:
@@ -43,7 +52,7 @@ def paper_names_for(owners: Iterable[str]) -> dict[str, str]:
     for owner in owners:
         match = _RESNET_BLOCK.search(owner)
         if match:
-            names[owner] = f"SE_{int(match.group(1)) + 1}_{int(match.group(2)) + 1}"
+            names[owner] = format_paper_name(int(match.group(1)) + 1, int(match.group(2)) + 1)
             continue
         if owner == "":
             names[owner] = "SE_top"
@@ -51,7 +60,7 @@ def paper_names_for(owners: Iterable[str]) -> dict[str, str]:
         parent = owner.rpartition(".")[0]
         stage = stages.setdefault(parent, len(stages) + 2)
         blocks[parent] = blocks.get(parent, 0) + 1
-        names[owner] = f"SE_{stage}_{blocks[parent]}"
+        names[owner] = format_paper_name(stage, blocks[parent])
     return names
 
 

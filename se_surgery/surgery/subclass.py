@@ -1,4 +1,4 @@
-"""A rewritten block stays an instance of its own class: it gets a subclass whose ``forward`` is the fx-generated code.
+"""A block given an SE stays an instance of its own class: it gets a subclass whose ``forward`` is the fx-generated code.
 
 torch.fx's ``GraphModule`` replaces a module by a new object of a new class; here only the block's class changes
 (``block.__class__ = subclass``), so the block keeps its identity, children, hooks, flags and every method of its
@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import fx, nn
 
-__all__ = ["rewrite", "restore", "original_class", "is_rewritten", "calls"]
+__all__ = ["install_forward", "restore", "original_class", "runs_generated_forward", "calls"]
 
 _CLASSES: dict[tuple, type] = {}
 _FILES = itertools.count()
@@ -88,21 +88,21 @@ def _class_for(
 
 
 def original_class(block: nn.Module) -> type:
-    """The class ``block`` had before any rewrite."""
+    """The class ``block`` had before :func:`install_forward` gave it a subclass."""
     return vars(type(block)).get("_se_surgery_base", type(block))
 
 
-def is_rewritten(block: nn.Module) -> bool:
-    """Whether ``block`` runs a forward made by :func:`rewrite`."""
+def runs_generated_forward(block: nn.Module) -> bool:
+    """Whether ``block`` runs a forward made by :func:`install_forward`."""
     return "_se_surgery_base" in vars(type(block))
 
 
 def calls(block: nn.Module) -> frozenset[str]:
-    """Names of the submodules that ``block``'s rewritten forward calls (empty for a block never rewritten)."""
+    """Names of the submodules that ``block``'s generated forward calls (empty for a block that runs its own)."""
     return vars(type(block)).get("_se_surgery_calls", frozenset())
 
 
-def rewrite(block: nn.Module, graph: fx.Graph) -> None:
+def install_forward(block: nn.Module, graph: fx.Graph) -> None:
     """Make ``block`` run ``graph`` (a trace of its own forward, edited), in place, keeping its class as a base."""
     code = graph.python_code("self")
     called = frozenset(n.target for n in graph.nodes if n.op == "call_module")

@@ -1,0 +1,74 @@
+"""What the surgery accepts from its caller, checked before any work: the model, the example input, the leaves."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import SurgeryError
+from .probe import input_channels
+
+__all__ = ["check_model", "check_example", "example_for", "leaf_names", "brief"]
+
+
+def brief(value: Any) -> str:
+    """``repr(value)``, cut to 40 characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_model(model: Any, fn: str) -> None:
+    """Refuse, in one line, anything but an eager ``nn.Module`` instance (None, a name, the class, a ScriptModule)."""
+    example = "remove_se(add_se(model))" if fn == "remove_se" else f"{fn}(torchvision.models.resnet18())"
+    if isinstance(model, torch.jit.ScriptModule):
+        raise SurgeryError(
+            f"{fn} got a TorchScript module ({type(model).__name__}), which torch.fx cannot trace: call {fn} on the "
+            f"eager model, then script the result, e.g. torch.jit.script({fn}(model))"
+        )
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        got = f"the class {model.__name__}: build it first"
+    elif isinstance(model, str):
+        got = f"the string {model!r}: build the model first"
+        if fn != "remove_se":
+            example = f"{fn}(torchvision.models.get_model({model!r}))"
+    else:
+        got = f"{type(model).__name__} {brief(model)}" if model is not None else "None"
+        got += ": pass the model itself"
+    raise SurgeryError(f"{fn} needs an nn.Module instance, got {got}, e.g. {example}")
+
+
+def check_example(example_input: Any, model: nn.Module) -> None:
+    if example_input is None or isinstance(example_input, torch.Tensor):
+        return
+    raise SurgeryError(
+        f"example_input must be a torch.Tensor the model accepts, got {type(example_input).__name__} "
+        f"{brief(example_input)}: pass "
+        f"e.g. example_input=torch.randn(2, {input_channels(model) or 3}, 224, 224), or leave it out"
+    )
+
+
+def example_for(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
+    """``example_input``, or a probe the model accepts: batch 2, its input channels, 64 px, its dtype and device."""
+    if example_input is not None:
+        return example_input
+    ref = next(model.parameters(), None)
+    ref = ref if ref is not None else next(model.buffers(), torch.empty(0))
+    dtype = ref.dtype if ref.is_floating_point() else torch.float32
+    channels = input_channels(model) or 3
+    # Batch 2 so a broadcast over the batch dimension never looks like a same-shape sum; 64 px keeps the probe cheap.
+    return torch.randn(2, channels, 64, 64, device=ref.device, dtype=dtype)
+
+
+def leaf_names(model: nn.Module, leaf_modules: Sequence[str | type]) -> set[str]:
+    """The module names ``leaf_modules`` (names or types) stands for; unknown names refused."""
+    names = {n for n in leaf_modules if isinstance(n, str)}
+    types = tuple(t for t in leaf_modules if isinstance(t, type))
+    known = dict(model.named_modules())
+    unknown = sorted(n for n in names if n not in known)
+    if unknown:
+        raise SurgeryError(f"leaf_modules names {unknown} are not modules of {type(model).__name__}")
+    return names | {n for n, m in known.items() if types and isinstance(m, types)}

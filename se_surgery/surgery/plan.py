@@ -1,0 +1,448 @@
+"""What :func:`add_se` would do, worked out without touching the model: :func:`plan` returns a :class:`Plan`.
+
+Planning runs probe -> trace -> classify -> name -> select: one eager forward finds the modules whose own forward
+adds two same-shape tensors (:mod:`.probe`); each is traced alone with fx (:mod:`.tracing`); the residual rule
+(:mod:`.residual`) tells branch from skip; the units get paper names (:mod:`.naming`); ``where=``, the width check and
+the position (:mod:`.positions`) choose among them. The plan prints as a table; :func:`~.insert.apply_plan` (which
+``add_se`` calls after planning) builds and inserts the SE blocks.
+
+A **unit** is a place an SE goes (a residual sum); its **owner** is the module whose forward holds it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+
+import torch
+from torch import fx, nn
+
+from ..errors import SurgeryError
+from ..paper import paper_stage
+from .config import SEConfig
+from .inputs import check_example, check_model, example_for, leaf_names
+from .naming import paper_names_for, se_children, se_name
+from .positions import POSITIONS, Placement, place
+from .probe import Probe, probe_sums
+from .refusals import Untraced, grouped, no_unit
+from .residual import Residual, residual_units
+from .skips import SkipKind, Skipped
+from .subclass import runs_generated_forward
+from .tracing import concrete_arguments, propagate_shapes, trace_module
+
+__all__ = ["plan", "Plan", "Unit", "UnitKind", "Skip", "Untraceable", "hidden_width", "Where"]
+
+logger = logging.getLogger(__name__)
+
+Where = Union[None, Callable[[str], bool], Iterable[Union[int, str]]]
+WROTE_INTO = "se_surgery_wrote_into"  # node.meta key: the operand an in-place sum wrote into
+
+
+class UnitKind(enum.Enum):
+    """The kinds of place an SE goes (SENet Sec. 3.3)."""
+
+    RESIDUAL = "residual"  # x + F(x): the SE recalibrates F(x) before the sum (Fig. 3)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One SE to put in: on ``owner``'s unit, registered as ``se_name``, ``channels`` wide, ``hidden`` = C // r."""
+
+    owner: str
+    se_name: str
+    paper_name: str
+    kind: UnitKind
+    channels: int
+    hidden: int | None  # the excitation's hidden width; None for an se_layer= module
+    position: str
+    fused: bool
+    placement: Placement = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A same-shape sum that gets no SE: in ``owner``, at graph node ``node``, of ``kind``, for ``reason``."""
+
+    owner: str
+    node: str
+    kind: SkipKind
+    reason: str
+
+
+@dataclass(frozen=True)
+class Untraceable:
+    """An owner torch.fx cannot trace or run, left as it is; ``error`` says why and the way out."""
+
+    owner: str
+    class_name: str
+    error: SurgeryError
+
+
+class Plan:
+    """The SE blocks :func:`add_se` would insert: ``units`` in forward order, ``skipped`` sums, ``untraceable`` owners.
+
+    ``print(plan)`` shows it as a table; ``len(plan)`` is the number of SE blocks; :func:`~.insert.apply_plan`
+    carries it out, once.
+    """
+
+    def __init__(self, model: nn.Module, config: SEConfig, units: list[Unit], skipped: list[Skip],
+                 untraceable: list[Untraceable], graphs: dict[str, fx.Graph], order: dict[str, int]) -> None:
+        self.model, self.config = model, config
+        self.units, self.skipped, self.untraceable = tuple(units), tuple(skipped), tuple(untraceable)
+        self._graphs, self._order, self._applied = graphs, order, False
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __iter__(self) -> Iterator[Unit]:
+        return iter(self.units)
+
+    @property
+    def owners(self) -> list[str]:
+        """The owners that get an SE, in forward order."""
+        return list(dict.fromkeys(u.owner for u in self.units))
+
+    def __repr__(self) -> str:
+        return f"<Plan: {len(self.units)} SE block(s) for {type(self.model).__name__}, {len(self.skipped)} skipped>"
+
+    def __str__(self) -> str:
+        return _table(self)
+
+
+def hidden_width(channels: int, reduction: int, divisor: int | None = None) -> int:
+    """The excitation's hidden width: C // r, or with ``divisor`` C / r rounded to the nearest multiple of it (never
+    below ``divisor``), as timm's SE modules round it (``make_divisible(C / r, divisor, round_limit=0)``)."""
+    if divisor is None:
+        return channels // reduction
+    return max(divisor, int(channels / reduction + divisor / 2) // divisor * divisor)
+
+
+def narrow_message(channels: int, reduction: int, owner: str) -> str:
+    return (
+        f"reduction={reduction} is larger than the {channels} channels of {owner or 'the top-level sum'}: "
+        f"the excitation's hidden layer C // r would be empty. Use reduction <= {channels}, divisor=8 (timm-style "
+        f"rounding, hidden width >= 8), or leave that block out with where=lambda owner: owner != {owner!r}"
+    )
+
+
+def make_config(config: SEConfig | None, reduction: int | None, options: dict[str, Any]) -> SEConfig:
+    """``config`` (default: the paper's SE) with ``reduction`` and ``options`` (SEConfig fields) applied, validated."""
+    if config is not None and not isinstance(config, SEConfig):
+        raise SurgeryError(f"config must be an se_surgery.SEConfig; got {type(config).__name__}")
+    fields = SEConfig.defaults()
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise SurgeryError(f"unknown option(s) {unknown}: the SE options are {', '.join(fields)} (see SEConfig)")
+    changes = {**options, **({"reduction": reduction} if reduction is not None else {})}
+    return (config or SEConfig()).replace(**changes) if changes else (config or SEConfig())
+
+
+def plan(
+    model: nn.Module,
+    reduction: int | None = None,
+    *,
+    config: SEConfig | None = None,
+    where: Where = None,
+    leaf_modules: Sequence[str | type] = (),
+    autowrap_functions: Sequence[Callable] = (),
+    example_input: torch.Tensor | None = None,
+    strict: bool = False,
+    **options: Any,
+) -> Plan:
+    """Work out where :func:`add_se` would put SE blocks in ``model``, without changing it.
+
+    Takes :func:`add_se`'s arguments (but ``inplace``); see there. ``print(plan(model))`` shows the units.
+
+    Examples:
+        >>> p = plan(torchvision.models.resnet50())
+        >>> len(p), p.units[-1].paper_name, p.units[-1].hidden
+        (16, 'SE_5_3', 128)
+    """
+    check_model(model, "plan")
+    check_example(example_input, model)
+    chosen = make_config(config, reduction, options)
+    if not isinstance(strict, bool):
+        raise SurgeryError(f"strict must be True or False; got {strict!r}")
+    leaves = leaf_names(model, leaf_modules)
+    modules = dict(model.named_modules())
+    probe = probe_sums(model, example_for(model, example_input))
+    residuals, skipped, untraced = _trace_owners(probe, modules, leaves, autowrap_functions, strict)
+    held = _owners_with_fused_se(modules, probe.owners, leaves, skipped)
+    forward = probe.owners if not held else sorted([*probe.owners, *held], key=list(probe.inputs).index)
+    if not residuals:
+        raise _nothing_found(model, skipped, untraced)
+    paper = paper_names_for(o for o in forward if o in residuals or o in held)
+    excluded = _select(residuals, where, paper)
+    _drop_narrow(residuals, chosen, skipped, strict)
+    if skipped or untraced:
+        logger.warning("add_se skipped %s", grouped(skipped, untraced))
+    if not residuals:
+        raise SurgeryError(
+            f"no residual block of {type(model).__name__} is wide enough for r={chosen.reduction}: "
+            f"{grouped(skipped, untraced)}."
+        )
+    placed, unplaced = _placements(residuals, chosen, modules)
+    order = {owner: i for i, owner in enumerate(forward)}
+    planned = [u for owner, found in placed.items() for u in _units(owner, found, chosen, modules, paper)]
+    skips = [_skip(owner, s) for owner, s in [*skipped, *unplaced]] + [_skip(o, s, SkipKind.NOT_SELECTED) for o, s in excluded]
+    untraceable = [Untraceable(*u) for u in untraced]
+    graphs = {owner: residuals[owner][0] for owner in placed}
+    return Plan(model, chosen, planned, skips, untraceable, graphs, order)
+
+
+def _trace_owners(
+    probe: Probe, modules: dict[str, nn.Module], leaves: set[str], autowrap_functions: Sequence[Callable], strict: bool
+) -> tuple[dict[str, tuple[fx.Graph, list[Residual]]], list[tuple[str, Skipped]], list[Untraced]]:
+    """Trace each owner the probe found: its residual units, the sums it skips, and the owners fx cannot trace."""
+    units: dict[str, tuple[fx.Graph, list[Residual]]] = {}
+    skipped: list[tuple[str, Skipped]] = []
+    untraced: list[Untraced] = []
+    for owner in probe.owners:
+        if owner in leaves:
+            continue
+        module = modules[owner]
+        args, kwargs = probe.inputs[owner]
+        try:
+            concrete = concrete_arguments(module, args, kwargs)
+            graph = trace_module(module, owner, autowrap_functions=autowrap_functions, concrete_args=concrete)
+            propagate_shapes(module, graph, owner, args, kwargs)
+        except SurgeryError as err:
+            if strict:
+                raise
+            untraced.append((owner, type(module).__name__, err))
+            continue
+        found = []
+        for verdict in residual_units(graph, dict(module.named_modules())):
+            if isinstance(verdict, Residual):
+                found.append(verdict)
+            else:
+                skipped.append((owner, verdict))
+        if found:
+            units[owner] = (graph, found)
+    return units, skipped, untraced
+
+
+def _nothing_found(model: nn.Module, skipped: list, untraced: list) -> SurgeryError:
+    from .refusals import found_instead
+
+    name = type(model).__name__
+    if skipped or untraced:
+        return no_unit(
+            f"no residual sum of {name} can take an SE: {grouped(skipped, untraced)}. A model "
+            "whose blocks are already gated (add_se applied twice, EfficientNet, RegNetY, SE-ResNet) needs none; "
+            "for the plain version, start from the model without attention (e.g. regnet_x instead of regnet_y).",
+            f"no residual sum of {name} can take an SE: {found_instead(skipped, untraced)}",
+        )
+    return no_unit(
+        f"found no residual sum in {name}: no module adds two same-shape tensors. add_se works "
+        "on residual networks (x + F(x)); plain stacks such as VGG and concatenating ones such as DenseNet have "
+        "none. If a block was listed in leaf_modules=, drop it from there; where= only chooses among residual "
+        "blocks, so it cannot create one.",
+        f"found no residual sum in {name}: no module adds two same-shape tensors, as in a plain "
+        "stack (VGG) or a concatenating network (DenseNet)",
+    )
+
+
+def _where_filter(where: Where, paper: dict[str, str]) -> Callable[[str], bool]:
+    """``where=`` as a predicate on owners; an item that matches no owner is refused with the candidates."""
+    if where is None:
+        return lambda owner: True
+    if callable(where):
+        return where
+    items = [where] if isinstance(where, (str, int)) else list(where)
+
+    def matches(item: int | str, owner: str) -> bool:
+        if isinstance(item, int):
+            return paper_stage(paper[owner]) == item
+        return owner == item or owner.startswith(item + ".") or paper[owner] == item
+
+    for item in items:
+        if not any(matches(item, o) for o in paper):
+            stages = sorted({s for s in map(paper_stage, paper.values()) if s is not None})
+            raise SurgeryError(
+                f"where= item {item!r} matches no residual block. Blocks: "
+                + ", ".join(f"{o or '<top>'} ({p})" for o, p in paper.items())
+                + f"; stages: {stages}"
+            )
+    return lambda owner: any(matches(item, owner) for item in items)
+
+
+def _select(units: dict[str, tuple[fx.Graph, list[Residual]]], where: Where, paper: dict[str, str]) -> list[tuple[str, Skipped]]:
+    """Keep the owners ``where`` selects (in place); returns the sums it left out."""
+    keep = _where_filter(where, paper)
+    excluded = [(owner, Skipped(unit.add, SkipKind.NOT_SELECTED, "where= leaves its block out"))
+                for owner, (_, found) in units.items() if not keep(owner) for unit in found]
+    for owner in [o for o in units if not keep(o)]:
+        del units[owner]
+    if not units:
+        raise SurgeryError(
+            f"where={where!r} excluded every residual block; candidates: "
+            + ", ".join(f"{o or '<top>'} ({p})" for o, p in paper.items())
+        )
+    return excluded
+
+
+def _drop_narrow(units: dict, config: SEConfig, skipped: list, strict: bool) -> None:
+    """Leave out (in place, into ``skipped``) the units narrower than r; with ``strict``, refuse the first."""
+    for owner, (graph, found) in list(units.items()):
+        wide_enough = [unit for unit in found if config.se_layer is not None
+                       or hidden_width(unit.channels, config.reduction, config.divisor) >= 1]
+        for unit in found:
+            if unit in wide_enough:
+                continue
+            if strict:
+                raise SurgeryError(narrow_message(unit.channels, config.reduction, owner) + ".")
+            reason = (
+                f"the block has {unit.channels} channels, fewer than r={config.reduction} (C // unit would be 0; pass a "
+                "smaller reduction, divisor=8, or where= to leave it out)"
+            )
+            skipped.append((owner, Skipped(unit.add, SkipKind.NARROW, reason)))
+        if wide_enough:
+            units[owner] = (graph, wide_enough)
+        else:
+            del units[owner]
+
+
+def _placements(
+    units: dict[str, tuple[fx.Graph, list[Residual]]], config: SEConfig, modules: dict[str, nn.Module]
+) -> tuple[dict[str, list[Placement]], list[tuple[str, Skipped]]]:
+    """Each selected owner's SE places for the position, and the units it cannot place; raises if none is placed."""
+    placed: dict[str, list[Placement]] = {}
+    skipped: list[tuple[str, Skipped]] = []
+    for owner, (graph, found) in units.items():
+        if se_children(modules[owner]):  # SE-POST / PRE / Identity sit off the branch, where the gate rule cannot see them
+            skipped.extend((owner, Skipped(unit.add, SkipKind.HOLDS_SE, "its block already holds an SE from add_se"))
+                           for unit in found)
+            continue
+        for unit in found:
+            _make_out_of_place(graph, unit.add)
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        submodules = dict(modules[owner].named_modules())
+        for unit in found:
+            verdict = place(unit, config.position, submodules, order)
+            if isinstance(verdict, Skipped):
+                skipped.append((owner, verdict))
+            else:
+                placed.setdefault(owner, []).append(verdict)
+    if skipped:
+        logger.warning("add_se(position=%r) skipped %s", config.position, grouped(skipped))
+    if not placed and all(skip.kind is SkipKind.HOLDS_SE for _, skip in skipped):
+        raise SurgeryError(f"no residual sum can take an SE: {grouped(skipped)}")
+    if not placed:
+        raise SurgeryError(
+            f"position={config.position!r} fits none of the selected residual blocks: {grouped(skipped)}. Pick "
+            f"another position ({', '.join(map(repr, POSITIONS))}) or other blocks with where=."
+        )
+    return placed, skipped
+
+
+def _units(owner: str, placements: list[Placement], config: SEConfig, modules: dict, paper: dict) -> list[Unit]:
+    """The owner's SE blocks: names free in the owner, paper names (a second SE gets ``_2``), widths, fusion."""
+    names = _free_se_names(modules[owner], owner, len(placements))
+    units = []
+    for k, (p, name) in enumerate(zip(placements, names)):
+        ours = config.se_layer is None
+        hidden = hidden_width(p.channels, config.reduction, config.divisor) if ours else None
+        fused = config.fuse and ours and _fusable(p, config.position)
+        paper_name = paper[owner] + (f"_{k + 1}" if k else "")
+        units.append(Unit(owner, name, paper_name, UnitKind.RESIDUAL, p.channels, hidden, config.position, fused, p))
+    return units
+
+
+def _skip(owner: str, skipped: Skipped, kind: SkipKind | None = None) -> Skip:
+    return Skip(owner, skipped.add.name, kind or skipped.kind, skipped.reason)
+
+
+def _make_out_of_place(graph: fx.Graph, add: fx.Node) -> None:
+    """``out.add_(x)`` / ``out += x`` -> ``s = out + x``, later readers of ``out`` reading ``s``.
+
+    An in-place sum mutates its first operand; once the SE scales the branch, that operand is no longer the tensor
+    later nodes read, so the mutation is made explicit in the graph (same values, in the same order). The operand
+    it wrote into is kept in ``add.meta``: a fused SE may write its sum there too.
+    """
+    in_place = (add.op == "call_method" and add.target in ("add_", "__iadd__")) or (
+        add.op == "call_function" and add.target is operator.iadd
+    )
+    if not in_place:
+        return
+    mutated = add.args[0]
+    add.meta[WROTE_INTO] = mutated
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    add.target = "add" if add.op == "call_method" else operator.add
+    for user in [u for u in mutated.users if order[u] > order[add]]:
+        user.replace_input_with(mutated, add)
+
+
+def _fusable(p: Placement, position: str) -> bool:
+    """Whether the standard SE of ``p`` can run fused with its sum: the branch feeds a plain two-operand add."""
+    unit = p.residual
+    return (
+        position == "standard"
+        and p.after is unit.branch
+        and p.readers == (unit.add,)
+        and len(unit.add.args) == 2
+        and not unit.add.kwargs
+        and set(unit.add.args) == {unit.branch, unit.skip}
+    )
+
+
+def _owners_with_fused_se(
+    modules: dict[str, nn.Module], owners: list[str], leaves: set[str], skipped: list[tuple[str, Skipped]]
+) -> list[str]:
+    """Owners whose sums all run fused inside an SE of ours (so the probe saw no sum there), each fused sum added
+    to ``skipped``: such an owner holds an SE already, and still counts when blocks are numbered."""
+    holding = []
+    for owner, module in modules.items():
+        if owner in owners or owner in leaves or not runs_generated_forward(module) or not se_children(module):
+            continue
+        graph = trace_module(module, owner)
+        ours = se_children(module)
+        fused = [n for n in graph.nodes if n.op == "call_module" and n.target in ours and len(n.args) > 1]
+        skipped.extend((owner, Skipped(n, SkipKind.HOLDS_SE, "its block already holds an SE from add_se"))
+                       for n in fused)
+        holding += [owner] if fused else []
+    return holding
+
+
+def _free_se_names(module: nn.Module, owner: str, count: int) -> list[str]:
+    """The first ``count`` SE names (``se``, ``se_1``, ...) not already taken by a child of ``module``."""
+    names, index = [], 0
+    while len(names) < count:
+        if getattr(module, se_name("", index), None) is None:
+            names.append(se_name(owner, index))
+        index += 1
+    return names
+
+
+def _describe(config: SEConfig) -> str:
+    if config.se_layer is not None:
+        return f"{getattr(config.se_layer, '__name__', type(config.se_layer).__name__)} modules, {config.position} position"
+    width = "C // r" if config.divisor is None else f"C / r rounded to {config.divisor}"
+    variant = [] if (config.squeeze, config.excitation) == ("avg", "sigmoid") else [
+        f"{config.squeeze} squeeze, {config.excitation} gate"]
+    return ", ".join([f"{config.position} SE", f"r = {config.reduction} (hidden {width})", *variant,
+                      *([] if config.bias else ["no FC biases"]), f"{config.init} init"])
+
+
+def _columns(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _table(p: Plan) -> str:
+    """The plan as text: a header, one row per SE block, then the skipped sums and the untraceable owners."""
+    lines = [f"{type(p.model).__name__}: {len(p.units)} SE block(s); {_describe(p.config)}"]
+    rows = [("SE block", "paper", "unit", "C", "hidden", "fused")] + [
+        (u.se_name, u.paper_name, u.kind.value, str(u.channels), "-" if u.hidden is None else str(u.hidden),
+         "yes" if u.fused else "no") for u in p.units]
+    lines += _columns(rows)
+    if p.skipped:
+        lines.append(f"skipped ({len(p.skipped)}):")
+        lines += _columns([(s.owner or "<top>", s.node, s.kind.value, s.reason) for s in p.skipped])
+    if p.untraceable:
+        lines.append(f"left as they are, torch.fx cannot trace or run them ({len(p.untraceable)}):")
+        lines += _columns([(u.owner or "<top>", u.class_name, str(u.error).split(". ")[0]) for u in p.untraceable])
+    return "\n".join(lines)
