@@ -313,7 +313,7 @@ def capture(device: torch.device, sizes: Sizes) -> list[Row]:
                 f"pairs {min(ratios):.3f}-{max(ratios):.3f}; {len(stats.blocks)} blocks")]
 
 
-# --- the table ---------------------------------------------------------------------------------------------------------
+# --- the table --------------------------------------------------------------------------------------------------------
 def format_value(value: float) -> str:
     return "nan" if not math.isfinite(value) else f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
 

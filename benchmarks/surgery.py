@@ -5,9 +5,10 @@
 Prints the time of add_se(resnet50()), then, against plain ResNet-50 (torchvision, random weights), the time ratios of:
 the same network rewritten with no SE in it (add_se(se_layer=nn.Identity): the cost of the generated forward
 itself, target 1.00x), SE-ResNet-50 from add_se (fused SE, the default), the same with fuse=False, and timm's
-seresnet50 (random weights); at batch 1 and 8, contiguous and channels-last, eval forward at 224x224. Models run interleaved (A B C D E, A B C D E, ...), so drift
-hits all alike; each round gives one ratio per model, and the median and the min-max over rounds are printed. The
-floor: plain ResNet-50 plus the pooling reads alone (one mean over each tensor an SE gates), the least any SE can cost.
+seresnet50 (random weights); at batch 1 and 8, contiguous and channels-last, eval forward at 224x224. Models run
+interleaved (A B C D E, A B C D E, ...), so drift hits all alike; each round gives one ratio per model, and the median
+and the min-max over rounds are printed. The floor: plain ResNet-50 plus the pooling reads alone (one mean over each
+tensor an SE gates), the least any SE can cost.
 Then a training step (forward, backward, SGD step; batch 8, train mode) and torch.compile (inductor) at batch 8.
 The paper: 164 ms -> 167 ms (+1.8%) for one 224x224 image on a CPU; 209 vs 190 ms per training step on GPUs.
 """
