@@ -29,8 +29,8 @@ from torchvision.ops import SqueezeExcitation
 from tqdm.auto import tqdm
 
 from analysis.errors import AnalysisError
-from analysis.excitation_stats import ExcitationStats, resolve_classes, select_blocks
-from analysis.streaming import ClassMoments
+from analysis.collected import ExcitationStats, resolve_classes, select_blocks
+from analysis.moments import ClassMoments
 from se_surgery.modes import eval_mode
 from se_surgery.surgery import paper_names
 from se_surgery.surgery.naming import SE_LEAF, is_resnet_block, paper_names_for

@@ -37,15 +37,15 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from analysis.ablation import LAST_STAGE, ablate, ablation_blocks  # noqa: E402
+from analysis.removal import LAST_STAGE, ablate, ablation_blocks  # noqa: E402
 from analysis.capture import capture_excitations, find_gates, model_paper_names  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
 from se_surgery.cli import ArgumentParser, run_cli  # noqa: E402
 from analysis.foreign import Preprocess, build_foreign_model, imagenet_words, load_weights, model_transform  # noqa: E402
-from analysis.excitation_stats import resolve_classes, select_blocks  # noqa: E402
+from analysis.collected import resolve_classes, select_blocks  # noqa: E402
 from analysis.protocol import PAPER_CHANNELS, PAPER_PER_CLASS, paper_blocks, sample_channels  # noqa: E402
 from analysis.plots import plot_fig6, plot_fig7, plot_specificity, save_figure  # noqa: E402
-from analysis.stats import AGNOSTIC, CLASS_SPECIFIC, FAINT_GAP, SLIGHT, VISIBLE_GAP, metrics_frame  # noqa: E402
+from analysis.metrics import AGNOSTIC, CLASS_SPECIFIC, FAINT_GAP, SLIGHT, VISIBLE_GAP, metrics_frame  # noqa: E402
 
 ALL_PROTOCOL, PAPER_PROTOCOL = "all", "paper"
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from analysis.excitation_stats import ALL, ExcitationStats
+from analysis.collected import ALL, ExcitationStats
 from analysis.protocol import paper_blocks
 
 __all__ = ["fig6_blocks", "plot_fig6", "plot_fig7", "plot_specificity", "save_figure"]
@@ -149,7 +149,7 @@ def plot_specificity(metrics: pd.DataFrame) -> plt.Figure:
     against depth, every block.
 
     Args:
-        metrics: :func:`analysis.stats.metrics_frame` output.
+        metrics: :func:`analysis.metrics.metrics_frame` output.
     """
     metrics = metrics.sort_values("depth")
     specificity = {

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from analysis.ablation import evaluate  # noqa: E402
+from analysis.removal import evaluate  # noqa: E402
 from .analysis_models import Payload, one_line_error  # noqa: E402
 from analysis.excitations import main  # noqa: E402
 
@@ -241,7 +241,7 @@ def test_a_class_asked_for_twice_is_refused(ckpt, folder, tmp_path, capsys) -> N
                                    *out])
     assert "class 'cat' is asked for twice (as 'cat' and '0')" in err
     from analysis.errors import AnalysisError
-    from analysis.excitation_stats import resolve_classes
+    from analysis.collected import resolve_classes
 
     assert resolve_classes(["b", 1], ["a", "b"]) == [1, 1]  # the library alone still resolves each mention
     with pytest.raises(AnalysisError, match="class 'b' is asked for twice"):
@@ -278,7 +278,7 @@ def test_ablation_of_a_torchvision_se_network(folder, tmp_path) -> None:
 def test_a_gate_the_removal_does_not_know_is_refused_by_name() -> None:
     from torch import nn
 
-    from analysis.ablation import ablation_blocks
+    from analysis.removal import ablation_blocks
     from analysis.errors import AnalysisError
 
     class OwnGate(nn.Module):

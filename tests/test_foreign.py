@@ -24,7 +24,7 @@ from torchvision.transforms import v2  # noqa: E402
 from analysis.capture import find_gates, model_paper_names  # noqa: E402
 from .analysis_models import Payload, one_line_error  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
-from analysis.excitation_stats import resolve_classes  # noqa: E402
+from analysis.collected import resolve_classes  # noqa: E402
 from analysis.excitations import main  # noqa: E402
 from analysis.foreign import imagenet_words, model_transform  # noqa: E402
 from analysis.protocol import paper_blocks, sample_channels  # noqa: E402

@@ -1,6 +1,6 @@
 """`ExcitationStats`: what :func:`analysis.capture_excitations` returns.
 
-Per SE block (in forward order) one :class:`~analysis.streaming.ClassMoments`: per class and channel the number of
+Per SE block (in forward order) one :class:`~analysis.moments.ClassMoments`: per class and channel the number of
 images, the mean and the spread of the gate output ``s``, plus a histogram of ``s`` over [0, 1] per class. Blocks are
 named by their SE module (``"layer4.1.se"``); the paper's names (``"SE_5_2"``) are accepted wherever they exist.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.streaming import ClassMoments
+from analysis.moments import ClassMoments
 from se_surgery.surgery.naming import resolve_blocks
 
 __all__ = ["ALL", "ExcitationStats", "resolve_classes", "select_blocks"]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from analysis.capture import find_gates, is_known_se, model_paper_names
 from analysis.errors import AnalysisError
-from analysis.excitation_stats import ExcitationStats, select_blocks
+from analysis.collected import ExcitationStats, select_blocks
 from analysis.protocol import paper_stages
 from se_surgery.modes import eval_mode
 from se_surgery.train.metrics import topk_correct
