@@ -554,16 +554,16 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.collect:
         frame, missing = collect(tables, recipe, args.out, variants=names)
-        shown = frame[frame["table"].isin(tables)]
-        if len(shown):
-            print(markdown(shown))
+        chosen_rows = frame[frame["table"].isin(tables)]
+        if len(chosen_rows):
+            print(markdown(chosen_rows))
             print(f"wrote {args.out}/: ablations.csv ablations.md ablations.png ablations.pdf")
         for line in missing:
             print(line)
         runs = len({item.run for item in plan(tables, recipe, args.out, names)})
         print(f"collected {runs - len(missing)} of {runs} run folder(s)"
               + (f"; {len(missing)} missing or unfinished, listed above" if missing else "")
-              + ("" if len(shown) else "; nothing written yet"))
+              + ("" if len(chosen_rows) else "; nothing written yet"))
         return 0
 
     frame = sweep(tables, recipe, args.out, variants=names, progress=not args.no_progress)

@@ -80,9 +80,9 @@ def unbounded_gates(model: nn.Module, gates: dict[str, str]) -> set[str]:
 def model_paper_names(model: nn.Module, gates: dict[str, str] | None = None) -> dict[str, str]:
     """SE module name -> the paper's ``SE_<stage>_<block>`` name; empty where the model has none.
 
-    Blocks inserted by :func:`se_surgery.add_se` carry their name. Other SE networks get one when every SE sits in a
-    ResNet-style block (``layer<k>.<i>``: timm's ``seresnet50`` and ``legacy_seresnet50``); the rest (EfficientNet,
-    MobileNetV3, RegNetY) keep their module names.
+    SE blocks inserted by :func:`se_surgery.add_se` carry their name. Other SE networks get one when each SE block has
+    its own owner named as a ResNet's (``layer<k>.<i>``: timm's ``seresnet50`` and ``legacy_seresnet50``); the rest
+    (EfficientNet, MobileNetV3, RegNetY) keep their module names.
     """
     names = paper_names(model)
     if names:

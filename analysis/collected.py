@@ -67,8 +67,8 @@ def resolve_classes(
         elif isinstance(cls, (int, np.integer, str)) and str(cls).isdigit() and (names is None or int(cls) < len(names)):
             out.append(int(cls))
         else:
-            shown = list(names or aliases or [])
-            valid = ", ".join(shown[:30]) + (f", ... ({len(shown)} in all)" if len(shown) > 30 else "")
+            known = list(names or aliases or [])
+            valid = ", ".join(known[:30]) + (f", ... ({len(known)} in all)" if len(known) > 30 else "")
             raise AnalysisError(f"unknown class {cls!r}: use any of {valid or 'the class indices'} (or their indices)")
     seen: dict[int, int | str] = {}
     for cls, k in zip(classes, out):

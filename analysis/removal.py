@@ -2,7 +2,7 @@
 
 Two ways to take a block's excitation out, next to the intact model:
 
-- ``removed``: :func:`se_surgery.remove_se` takes the SE module out of the graph (the block computes ``x``, not
+- ``removed``: :func:`se_surgery.remove_se` takes the SE module out of the graph (its owner computes ``x``, not
   ``s * x``); torchvision's and timm's own SE modules (EfficientNet, MobileNetV3, RegNetY, SE-ResNet), each of which
   returns ``x * s``, become an identity. The saving is the SE's parameters.
 - ``fixed``: the gate outputs its dataset-mean excitation (the all-class mean captured by
@@ -107,7 +107,7 @@ def _unremovable(model: nn.Module, blocks: Iterable[str]) -> list[str]:
 
 def remove_blocks(model: nn.Module, blocks: Iterable[str]) -> nn.Module:
     """A copy of ``model`` without the SE blocks ``blocks``: add_se's taken out by :func:`se_surgery.remove_se`,
-    torchvision's and timm's SE modules (each returns ``x * s``) replaced by an identity, so the block computes ``x``.
+    torchvision's and timm's SE modules (each returns ``x * s``) replaced by an identity, so their owners compute ``x``.
 
     Raises:
         AnalysisError: a block that is neither (see :func:`check_removable`).
