@@ -57,7 +57,8 @@ NO_SE = Variant("no SE (ResNet-50)", {"se": False}, RESNET50)
 _TRAINED: dict[str, dict[str, dict[str, Any]]] = {
     "reduction": {f"r={r}": {"reduction": r} for r in (2, 4, 8, 16, 32)},
     "squeeze": {"avg": {"squeeze": "avg"}, "max": {"squeeze": "max"}},
-    "excitation": {"relu": {"excitation": "relu"}, "tanh": {"excitation": "tanh"}, "sigmoid": {"excitation": "sigmoid"}},
+    "excitation": {"relu": {"excitation": "relu"}, "tanh": {"excitation": "tanh"},
+                   "sigmoid": {"excitation": "sigmoid"}},
     "stage": {"SE stage 2": {"where": ["2"]}, "SE stage 3": {"where": ["3"]}, "SE stage 4": {"where": ["4"]},
               "SE all": {}},
     "integration": {"SE": {"position": "standard"}, "SE-PRE": {"position": "pre"}, "SE-POST": {"position": "post"},

@@ -29,8 +29,8 @@ from torch import nn
 from torchvision.ops import SqueezeExcitation
 from tqdm.auto import tqdm
 
-from analysis.errors import AnalysisError
 from analysis.collected import ExcitationStats, resolve_classes, select_blocks
+from analysis.errors import AnalysisError
 from analysis.moments import ClassMoments
 from se_surgery.modes import eval_mode
 from se_surgery.surgery import paper_names
@@ -154,7 +154,8 @@ class GateRecorder:
     """
 
     def __init__(
-        self, model: nn.Module, gates: dict[str, str], num_classes: int, *, bins: int = 20, device: torch.device | str = "cpu"
+        self, model: nn.Module, gates: dict[str, str], num_classes: int, *, bins: int = 20,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.model, self.gates, self.num_classes, self.bins, self.device = model, gates, num_classes, bins, device
         self.labels: torch.Tensor | None = None
@@ -182,7 +183,7 @@ class GateRecorder:
     def _flush(self, block: str) -> None:
         pending = self._pending.pop(block, [])
         if pending:
-            self.moments[block].update(torch.cat([v for v, _ in pending]), torch.cat([l for _, l in pending]))
+            self.moments[block].update(torch.cat([v for v, _ in pending]), torch.cat([y for _, y in pending]))
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""

@@ -64,7 +64,8 @@ def resolve_classes(
             out.append(list(names).index(cls))
         elif isinstance(cls, str) and aliases is not None and cls in aliases:
             out.append(list(aliases).index(cls))
-        elif isinstance(cls, (int, np.integer, str)) and str(cls).isdigit() and (names is None or int(cls) < len(names)):
+        elif (isinstance(cls, (int, np.integer, str)) and str(cls).isdigit()
+              and (names is None or int(cls) < len(names))):
             out.append(int(cls))
         else:
             known = list(names or aliases or [])

@@ -41,7 +41,13 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 from analysis.capture import SEGates, record_excitations  # noqa: E402
 from analysis.collected import ExcitationStats, resolve_classes  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
-from analysis.foreign import Preprocess, build_foreign_model, imagenet_words, load_weights, model_transform  # noqa: E402
+from analysis.foreign import (  # noqa: E402
+    Preprocess,
+    build_foreign_model,
+    imagenet_words,
+    load_weights,
+    model_transform,
+)
 from analysis.metrics import AGNOSTIC, CLASS_SPECIFIC, FAINT_GAP, SLIGHT, VISIBLE_GAP, metrics_frame  # noqa: E402
 from analysis.plots import plot_fig6, plot_fig7, plot_specificity, save_figure  # noqa: E402
 from analysis.protocol import paper_blocks, sample_channels  # noqa: E402
@@ -70,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m analysis.excitations",
         description="Reproduce the SENet excitation study (Fig. 6-7, Sec. 7.2) on a checkpoint or any SE network.",
-        epilog="examples:\n  python -m analysis.excitations --ckpt runs/demo/best.pt --per-class 50 --ablate last-stage\n"
-               "  python -m analysis.excitations --model timm:legacy_seresnet50 --weights se50.pth --data /data/imagenet "
-               "--protocol paper --classes goldfish,pug,airliner,cliff",
+        epilog="examples:\n"
+               "  python -m analysis.excitations --ckpt runs/demo/best.pt --per-class 50 --ablate last-stage\n"
+               "  python -m analysis.excitations --model timm:legacy_seresnet50 --weights se50.pth "
+               "--data /data/imagenet --protocol paper --classes goldfish,pug,airliner,cliff",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -104,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", help="output folder (default: <checkpoint folder>/excitations, or "
                         "runs/excitations/<model> with --model)")
-    parser.add_argument("--ablate", help=f"SE blocks to take out for the removal check: e.g. SE_5_2,SE_5_3, {LAST_STAGE} "
-                        "or all; accuracy on the same images as the study (all of the split by default)")
+    parser.add_argument("--ablate", help="SE blocks to take out for the removal check: e.g. SE_5_2,SE_5_3, "
+                        f"{LAST_STAGE} or all; accuracy on the same images as the study (all of the split by default)")
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return parser
@@ -118,7 +125,8 @@ def _writable_out(out: Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise AnalysisError(f"cannot write to --out {out} ({err.strerror or err}): pick a folder you can write") from None
+        raise AnalysisError(f"cannot write to --out {out} ({err.strerror or err}): pick a folder you can "
+                            "write") from None
     return out
 
 
@@ -151,7 +159,8 @@ def _table(frame: pd.DataFrame, columns: dict[str, str]) -> str:
 
 def _verdicts(metrics: pd.DataFrame) -> str:
     """One line: which blocks are class-specific by the absolute gap (units of s), not by eta2 alone."""
-    groups = {v: metrics.loc[metrics["verdict"] == v, "paper_name"].tolist() for v in (CLASS_SPECIFIC, SLIGHT, AGNOSTIC)}
+    groups = {v: metrics.loc[metrics["verdict"] == v, "paper_name"].tolist()
+              for v in (CLASS_SPECIFIC, SLIGHT, AGNOSTIC)}
     parts = [f"{v}: {', '.join(b) if b else 'none'}" for v, b in groups.items()]
     notes = sorted(set(metrics["note"]) - {""})
     return (f"verdict by the mean class-to-all gap (class-specific >= {VISIBLE_GAP} of s, slight >= {FAINT_GAP}, "
