@@ -6,12 +6,12 @@ Examples:
     >>> metrics_frame(stats)[["paper_name", "eta2", "saturated_share"]]  # doctest: +SKIP
 """
 
-from analysis.ablation import ablate
 from analysis.capture import capture_excitations
+from analysis.collected import ExcitationStats
 from analysis.errors import AnalysisError
-from analysis.excitation_stats import ExcitationStats
+from analysis.metrics import block_metrics, metrics_frame
 from analysis.plots import plot_fig6, plot_fig7, plot_specificity, save_figure
-from analysis.stats import block_metrics, metrics_frame
+from analysis.removal import ablate
 
 __all__ = [
     "AnalysisError",

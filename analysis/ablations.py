@@ -15,7 +15,7 @@ commands, the collection and an in-process sweep of one folder agree on it.
 
 Every table also has the no-SE baseline (``no-se``, trained once and shared, like the standard SE). The paper's
 numbers are SE-ResNet-50 (and ResNet-50 for the baseline) on ImageNet, from its Tables 10-16: parameters in
-millions, GFLOPs (multiply-adds) and top-1 error (%), where the paper gives them.
+millions, GFLOPs (multiply-adds) and top-1 error (%), where the paper gives them (:data:`se_surgery.paper.ABLATIONS`).
 """
 
 from __future__ import annotations
@@ -37,51 +37,49 @@ import pandas as pd
 
 from analysis.errors import AnalysisError
 from se_surgery.cli import ArgumentParser, run_cli
+from se_surgery.paper import ABLATIONS, RESNET50, Reported
 
 __all__ = ["TABLES", "Variant", "collect", "commands", "main", "sweep"]
-
-SE_TOP1_ERR = 22.28  # the standard SE-ResNet-50 of the ablation runs (Tables 11, 12, 14-16)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of a paper table: recipe fields to change, and the paper's numbers (``None`` where not given)."""
+    """One row of a paper table: the recipe fields it changes (what to train), and the paper's numbers for it."""
 
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)
-    paper_top1_err: float | None = None
-    paper_params_m: float | None = None
-    paper_gmacs: float | None = None
+    paper: Reported = Reported()
 
 
-# ResNet-50 without SE: 25.6M parameters and 3.86 GFLOPs (Tables 13 and 16). Its top-1 error is not taken from Table 2
-# (24.80: the main results' training, not the bias-free ablation runs of Tables 10-16), so none is shown.
-NO_SE = Variant("no SE (ResNet-50)", {"se": False}, None, 25.6, 3.86)
-TABLES: dict[str, tuple[str, list[Variant]]] = {
-    "reduction": ("Table 10: reduction ratio r", [NO_SE, *(
-        Variant(f"r={r}", {"reduction": r}, None, p) for r, p in ((2, 45.7), (4, 35.7), (8, 30.7), (16, 28.1), (32, 26.9))
-    )]),
-    "squeeze": ("Table 11: squeeze operator", [
-        NO_SE, Variant("avg", {"squeeze": "avg"}, SE_TOP1_ERR), Variant("max", {"squeeze": "max"}, 22.57)]),
-    "excitation": ("Table 12: excitation operator", [
-        NO_SE, Variant("relu", {"excitation": "relu"}, 23.47), Variant("tanh", {"excitation": "tanh"}, 23.00),
-        Variant("sigmoid", {"excitation": "sigmoid"}, SE_TOP1_ERR)]),
-    "stage": ("Table 13: SE in one stage", [
-        NO_SE, Variant("SE stage 2", {"where": ["2"]}, None, 25.6), Variant("SE stage 3", {"where": ["3"]}, None, 25.7),
-        Variant("SE stage 4", {"where": ["4"]}, None, 26.4), Variant("SE all", {}, None, 28.1)]),
-    "integration": ("Table 14: integration strategy", [
-        NO_SE, Variant("SE", {"position": "standard"}, SE_TOP1_ERR), Variant("SE-PRE", {"position": "pre"}, 22.23),
-        Variant("SE-POST", {"position": "post"}, 22.78), Variant("SE-Identity", {"position": "identity"}, 22.20)]),
-    "3x3": ("Table 15: SE on the 3x3 convolution", [
-        NO_SE, Variant("SE", {}, SE_TOP1_ERR, 28.1), Variant("SE 3x3", {"position": "3x3"}, 22.48, 25.8)]),
-    "nosqueeze": ("Table 16: NoSqueeze", [
-        NO_SE, Variant("NoSqueeze", {"squeeze": "none"}, 22.93, 28.1, 4.27), Variant("SE", {}, SE_TOP1_ERR, 28.1, 3.87)]),
+NO_SE = Variant("no SE (ResNet-50)", {"se": False}, RESNET50)
+"""The baseline of every table, trained once and shared."""
+
+_TRAINED: dict[str, dict[str, dict[str, Any]]] = {
+    "reduction": {f"r={r}": {"reduction": r} for r in (2, 4, 8, 16, 32)},
+    "squeeze": {"avg": {"squeeze": "avg"}, "max": {"squeeze": "max"}},
+    "excitation": {"relu": {"excitation": "relu"}, "tanh": {"excitation": "tanh"},
+                   "sigmoid": {"excitation": "sigmoid"}},
+    "stage": {"SE stage 2": {"where": ["2"]}, "SE stage 3": {"where": ["3"]}, "SE stage 4": {"where": ["4"]},
+              "SE all": {}},
+    "integration": {"SE": {"position": "standard"}, "SE-PRE": {"position": "pre"}, "SE-POST": {"position": "post"},
+                    "SE-Identity": {"position": "identity"}},
+    "3x3": {"SE": {}, "SE 3x3": {"position": "3x3"}},
+    "nosqueeze": {"NoSqueeze": {"squeeze": "none"}, "SE": {}},
 }
+"""What the sweep trains: per table of :data:`se_surgery.paper.ABLATIONS`, each variant's recipe fields."""
+
+TABLES: dict[str, tuple[str, list[Variant]]] = {
+    key: (ABLATIONS[key].title, [NO_SE, *(Variant(name, fields, ABLATIONS[key].rows[name])
+                                          for name, fields in variants.items())])
+    for key, variants in _TRAINED.items()
+}
+"""Per ``--table``: the paper's title and its variants, the no-SE baseline first."""
+
 ALL = "all"
 
 DIGITS_SWEEP = {"epochs": 4, "lr_step": 3, "num_samples": 960}
-"""A "table on digits" default: the demo recipe cut to 4 epochs of 960 images (120 steps), about 40 s a variant on
-2 CPU cores, so a five-variant table takes minutes; every flag given on the command line wins."""
+"""A "table on digits" default: the demo recipe cut to 4 epochs of 960 images (120 steps a variant); every flag
+given on the command line wins."""
 
 COLUMNS = ["table", "variant", "run", "params", "macs", "top1", "top5", "seconds", "epochs",
            "paper_top1_err", "paper_params_m", "paper_gmacs"]
@@ -137,14 +135,14 @@ def _finished(run: Path, epochs: int) -> bool:
 
 def _measure(run: Path, recipe: Any) -> dict[str, Any]:
     """Parameters, multiply-adds, final val top-1/top-5 and training seconds of a finished run."""
-    from se_surgery.surgery.cost import count_macs
+    from se_surgery.surgery.cost import count_macs, count_parameters
     from se_surgery.train.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(run / "last.pt", map_location="cpu")
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = epochs[-1]
     return {
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": count_parameters(model),
         "macs": count_macs(model, (1, 3, recipe.input_size, recipe.input_size)),
         "top1": final["val_top1"],
         "top5": final["val_top5"],
@@ -156,7 +154,7 @@ def _measure(run: Path, recipe: Any) -> dict[str, Any]:
 def _row(item: Planned) -> dict[str, Any]:
     v = item.variant
     return {"table": item.table, "variant": v.name, "run": item.run.name, **_measure(item.run, item.recipe.resolved()),
-            "paper_top1_err": v.paper_top1_err, "paper_params_m": v.paper_params_m, "paper_gmacs": v.paper_gmacs}
+            "paper_top1_err": v.paper.top1_err, "paper_params_m": v.paper.params_m, "paper_gmacs": v.paper.gflops}
 
 
 def _check_surgery_supports(variant: Variant) -> None:
@@ -557,16 +555,16 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.collect:
         frame, missing = collect(tables, recipe, args.out, variants=names)
-        shown = frame[frame["table"].isin(tables)]
-        if len(shown):
-            print(markdown(shown))
+        chosen_rows = frame[frame["table"].isin(tables)]
+        if len(chosen_rows):
+            print(markdown(chosen_rows))
             print(f"wrote {args.out}/: ablations.csv ablations.md ablations.png ablations.pdf")
         for line in missing:
             print(line)
         runs = len({item.run for item in plan(tables, recipe, args.out, names)})
         print(f"collected {runs - len(missing)} of {runs} run folder(s)"
               + (f"; {len(missing)} missing or unfinished, listed above" if missing else "")
-              + ("" if len(shown) else "; nothing written yet"))
+              + ("" if len(chosen_rows) else "; nothing written yet"))
         return 0
 
     frame = sweep(tables, recipe, args.out, variants=names, progress=not args.no_progress)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,14 +29,17 @@ from torch import nn
 from torchvision.ops import SqueezeExcitation
 from tqdm.auto import tqdm
 
+from analysis.collected import ExcitationStats, resolve_classes, select_blocks
 from analysis.errors import AnalysisError
-from analysis.excitation_stats import ExcitationStats, resolve_classes, select_blocks
-from analysis.streaming import ClassMoments
+from analysis.moments import ClassMoments
 from se_surgery.modes import eval_mode
 from se_surgery.surgery import paper_names
 from se_surgery.surgery.naming import SE_LEAF, is_resnet_block, paper_names_for
 
-__all__ = ["GateRecorder", "capture_excitations", "find_gates", "is_known_se", "model_paper_names", "unbounded_gates"]
+__all__ = [
+    "GateRecorder", "SEGates", "capture_excitations", "find_gates", "is_known_se", "model_paper_names",
+    "record_excitations", "unbounded_gates",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +80,9 @@ def unbounded_gates(model: nn.Module, gates: dict[str, str]) -> set[str]:
 def model_paper_names(model: nn.Module, gates: dict[str, str] | None = None) -> dict[str, str]:
     """SE module name -> the paper's ``SE_<stage>_<block>`` name; empty where the model has none.
 
-    Blocks inserted by :func:`se_surgery.add_se` carry their name. Other SE networks get one when every SE sits in a
-    ResNet-style block (``layer<k>.<i>``: timm's ``seresnet50`` and ``legacy_seresnet50``); the rest (EfficientNet,
-    MobileNetV3, RegNetY) keep their module names.
+    SE blocks inserted by :func:`se_surgery.add_se` carry their name. Other SE networks get one when each SE block has
+    its own owner named as a ResNet's (``layer<k>.<i>``: timm's ``seresnet50`` and ``legacy_seresnet50``); the rest
+    (EfficientNet, MobileNetV3, RegNetY) keep their module names.
     """
     names = paper_names(model)
     if names:
@@ -88,6 +92,40 @@ def model_paper_names(model: nn.Module, gates: dict[str, str] | None = None) -> 
         return {}
     by_owner = paper_names_for(owners.values())
     return {block: by_owner[owner] for block, owner in owners.items()}
+
+
+@dataclass(frozen=True)
+class SEGates:
+    """A model's SE blocks, found once: each one's gate module and, where it has one, its paper name.
+
+    Attributes:
+        gates: SE module name -> name of its gate module (whose output is s), in registration order.
+        paper_names: SE module name -> ``SE_<stage>_<block>``, for the blocks that have one.
+    """
+
+    gates: dict[str, str]
+    paper_names: dict[str, str]
+
+    @classmethod
+    def find(cls, model: nn.Module) -> SEGates:
+        """The SE blocks of ``model`` (:func:`find_gates`) with their paper names (:func:`model_paper_names`)."""
+        gates = find_gates(model)
+        return cls(gates, model_paper_names(model, gates))
+
+    @property
+    def blocks(self) -> list[str]:
+        """SE module names in registration order."""
+        return list(self.gates)
+
+    def select(self, names: Iterable[str] | None) -> list[str]:
+        """SE module names of ``names`` (module or paper names; ``None`` = every block), as :func:`select_blocks`."""
+        return select_blocks(self.gates, self.paper_names, names)
+
+    def only(self, blocks: Iterable[str]) -> SEGates:
+        """The same, restricted to ``blocks`` (SE module names of this model), in their order."""
+        blocks = list(blocks)
+        return SEGates({b: self.gates[b] for b in blocks}, {b: self.paper_names[b] for b in blocks
+                                                            if b in self.paper_names})
 
 
 def dataset_classes(loader: Iterable) -> list[str] | None:
@@ -116,7 +154,8 @@ class GateRecorder:
     """
 
     def __init__(
-        self, model: nn.Module, gates: dict[str, str], num_classes: int, *, bins: int = 20, device: torch.device | str = "cpu"
+        self, model: nn.Module, gates: dict[str, str], num_classes: int, *, bins: int = 20,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.model, self.gates, self.num_classes, self.bins, self.device = model, gates, num_classes, bins, device
         self.labels: torch.Tensor | None = None
@@ -144,7 +183,7 @@ class GateRecorder:
     def _flush(self, block: str) -> None:
         pending = self._pending.pop(block, [])
         if pending:
-            self.moments[block].update(torch.cat([v for v, _ in pending]), torch.cat([l for _, l in pending]))
+            self.moments[block].update(torch.cat([v for v, _ in pending]), torch.cat([y for _, y in pending]))
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""
@@ -213,28 +252,54 @@ def capture_excitations(
         >>> stats = capture_excitations(model, val_loader, classes=["0", "7"], per_class=50)
         >>> stats.mean("SE_5_2", "7")[:5]
     """
-    gates = find_gates(model)
-    if not gates:
+    found = SEGates.find(model)
+    if not found.gates:
         raise AnalysisError(
             "the model has no SE block (no SqueezeExcitation, timm SEModule / EffectiveSEModule / SqueezeExcite, or "
             "'*.se' module with a gate): "
             "add them with se_surgery.add_se and train it first"
         )
-    paper = model_paper_names(model, gates)
-    chosen = select_blocks(gates, paper, blocks)
+    chosen = found.select(blocks)
     names = dataset_classes(loader)
-    selected = resolve_classes(classes, names)
-    num_classes = len(names) if names else max(selected or [0]) + 1
-    wanted = set(selected) if selected is not None else (set(range(len(names))) if names else None)
+    return record_excitations(model, loader, found.only(chosen), class_names=names,
+                              classes=resolve_classes(classes, names), per_class=per_class, bins=bins,
+                              progress=progress)
+
+
+def record_excitations(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    found: SEGates,
+    *,
+    class_names: Sequence[str] | None,
+    classes: Sequence[int] | None = None,
+    per_class: int | None = None,
+    bins: int = 20,
+    progress: bool = False,
+) -> ExcitationStats:
+    """:func:`capture_excitations` once its inputs are resolved: nothing is looked up again.
+
+    Args:
+        model: The model ``found`` was found in.
+        loader: Yields ``(images, labels)``.
+        found: The SE blocks to watch (:meth:`SEGates.only` of the chosen ones).
+        class_names: The dataset's class names (index order), or ``None`` (then classes are named by index).
+        classes: Class indices to capture; ``None`` = all.
+        per_class, bins, progress: As for :func:`capture_excitations`.
+    """
     device = next(model.parameters()).device
+    names = list(class_names) if class_names is not None else None
+    num_classes = len(names) if names else max(classes or [0]) + 1
+    selected = set(classes) if classes is not None else None
+    wanted = selected if selected is not None else (set(range(len(names))) if names else None)
     seen: dict[int, int] = {}
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     bar = tqdm(loader, desc="excitations", unit="batch", disable=not progress or rank != 0, leave=False)
     with eval_mode(model), torch.no_grad(), GateRecorder(
-        model, {b: gates[b] for b in chosen}, num_classes, bins=bins, device=device
+        model, found.gates, num_classes, bins=bins, device=device
     ) as recorder:
         for images, labels in bar:
-            keep = _keep(labels, set(selected) if selected is not None else None, per_class, seen)
+            keep = _keep(labels, selected, per_class, seen)
             if not keep.all():
                 images, labels = images[keep], labels[keep]
             if len(labels):
@@ -247,8 +312,9 @@ def capture_excitations(
         raise AnalysisError("no image was captured: check that the loader yields images of the chosen classes")
     moments = recorder.moments
     names = names or [str(k) for k in range(max(m.num_classes for m in moments.values()))]
-    unbounded = unbounded_gates(model, {b: gates[b] for b in moments})
-    stats = ExcitationStats(moments, names, {b: paper[b] for b in moments if b in paper}, unbounded).all_reduce()
+    unbounded = unbounded_gates(model, {b: found.gates[b] for b in moments})
+    paper = {b: found.paper_names[b] for b in moments if b in found.paper_names}
+    stats = ExcitationStats(moments, names, paper, unbounded).all_reduce()
     for m in moments.values():
         m.to("cpu")
     logger.info("captured %d SE blocks over %d images", len(moments), stats.count(stats.blocks[0]))

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,15 +38,22 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from analysis.ablation import LAST_STAGE, ablate, ablation_blocks  # noqa: E402
-from analysis.capture import capture_excitations, find_gates, model_paper_names  # noqa: E402
+from analysis.capture import SEGates, record_excitations  # noqa: E402
+from analysis.collected import ExcitationStats, resolve_classes  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
-from se_surgery.cli import ArgumentParser, run_cli  # noqa: E402
-from analysis.foreign import Preprocess, build_foreign_model, imagenet_words, load_weights, model_transform  # noqa: E402
-from analysis.excitation_stats import resolve_classes, select_blocks  # noqa: E402
-from analysis.protocol import PAPER_CHANNELS, PAPER_PER_CLASS, paper_blocks, sample_channels  # noqa: E402
+from analysis.foreign import (  # noqa: E402
+    Preprocess,
+    build_foreign_model,
+    imagenet_words,
+    load_weights,
+    model_transform,
+)
+from analysis.metrics import AGNOSTIC, CLASS_SPECIFIC, FAINT_GAP, SLIGHT, VISIBLE_GAP, metrics_frame  # noqa: E402
 from analysis.plots import plot_fig6, plot_fig7, plot_specificity, save_figure  # noqa: E402
-from analysis.stats import AGNOSTIC, CLASS_SPECIFIC, FAINT_GAP, SLIGHT, VISIBLE_GAP, metrics_frame  # noqa: E402
+from analysis.protocol import paper_blocks, sample_channels  # noqa: E402
+from analysis.removal import LAST_STAGE, ablate, ablation_blocks  # noqa: E402
+from se_surgery.cli import ArgumentParser, run_cli  # noqa: E402
+from se_surgery.paper import CHANNELS, PER_CLASS  # noqa: E402
 
 ALL_PROTOCOL, PAPER_PROTOCOL = "all", "paper"
 
@@ -68,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m analysis.excitations",
         description="Reproduce the SENet excitation study (Fig. 6-7, Sec. 7.2) on a checkpoint or any SE network.",
-        epilog="examples:\n  python -m analysis.excitations --ckpt runs/demo/best.pt --per-class 50 --ablate last-stage\n"
-               "  python -m analysis.excitations --model timm:legacy_seresnet50 --weights se50.pth --data /data/imagenet "
-               "--protocol paper --classes goldfish,pug,airliner,cliff",
+        epilog="examples:\n"
+               "  python -m analysis.excitations --ckpt runs/demo/best.pt --per-class 50 --ablate last-stage\n"
+               "  python -m analysis.excitations --model timm:legacy_seresnet50 --weights se50.pth "
+               "--data /data/imagenet --protocol paper --classes goldfish,pug,airliner,cliff",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -102,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", help="output folder (default: <checkpoint folder>/excitations, or "
                         "runs/excitations/<model> with --model)")
-    parser.add_argument("--ablate", help=f"SE blocks to take out for the removal check: e.g. SE_5_2,SE_5_3, {LAST_STAGE} "
-                        "or all; accuracy on the same images as the study (all of the split by default)")
+    parser.add_argument("--ablate", help="SE blocks to take out for the removal check: e.g. SE_5_2,SE_5_3, "
+                        f"{LAST_STAGE} or all; accuracy on the same images as the study (all of the split by default)")
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return parser
@@ -116,7 +125,8 @@ def _writable_out(out: Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise AnalysisError(f"cannot write to --out {out} ({err.strerror or err}): pick a folder you can write") from None
+        raise AnalysisError(f"cannot write to --out {out} ({err.strerror or err}): pick a folder you can "
+                            "write") from None
     return out
 
 
@@ -143,13 +153,14 @@ def _json_safe(value: Any) -> Any:
 
 
 def _table(frame: pd.DataFrame, columns: dict[str, str]) -> str:
-    shown = frame[list(columns)].rename(columns=columns)
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 1e-3 and v else f"{v:.3f}")
+    table = frame[list(columns)].rename(columns=columns)
+    return table.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 1e-3 and v else f"{v:.3f}")
 
 
 def _verdicts(metrics: pd.DataFrame) -> str:
     """One line: which blocks are class-specific by the absolute gap (units of s), not by eta2 alone."""
-    groups = {v: metrics.loc[metrics["verdict"] == v, "paper_name"].tolist() for v in (CLASS_SPECIFIC, SLIGHT, AGNOSTIC)}
+    groups = {v: metrics.loc[metrics["verdict"] == v, "paper_name"].tolist()
+              for v in (CLASS_SPECIFIC, SLIGHT, AGNOSTIC)}
     parts = [f"{v}: {', '.join(b) if b else 'none'}" for v, b in groups.items()]
     notes = sorted(set(metrics["note"]) - {""})
     return (f"verdict by the mean class-to-all gap (class-specific >= {VISIBLE_GAP} of s, slight >= {FAINT_GAP}, "
@@ -209,11 +220,11 @@ def _check_classes(found: list[str], trained: list[str] | None, data: str, own: 
     if trained is None or found == [str(c) for c in trained]:
         return
 
-    def shown(names: Sequence[str]) -> str:
+    def listed(names: Sequence[str]) -> str:
         return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
 
     raise AnalysisError(
-        f"--data {data} holds the classes [{shown(found)}], the checkpoint was trained on [{shown(list(trained))}]: "
+        f"--data {data} holds the classes [{listed(found)}], the checkpoint was trained on [{listed(list(trained))}]: "
         f"pass --data with the same class folders (or leave --data out for the checkpoint's own, {own}); "
         "--classes picks some of them"
     )
@@ -265,74 +276,147 @@ def _default_out(args: argparse.Namespace) -> Path:
     return Path("runs") / "excitations" / args.model.replace(":", "_")
 
 
-def run(args: argparse.Namespace) -> Result:
-    """Everything the CLI does but printing."""
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class Study:
+    """What a run studies, resolved once from the flags before any compute; every later step reads it from here.
+
+    Attributes:
+        args: The parsed flags, for their plain values (``--split``, ``--seed``, ``--device``, ...).
+        source: The model, its dataset (evaluation transforms), other class names, run facts.
+        found: Every SE block of the model with its gate and paper name.
+        blocks: The SE blocks captured: ``--blocks``, or with ``--protocol paper`` the paper's.
+        ablated: The SE blocks of the removal check (``--ablate``), all among ``blocks``.
+        class_names: The dataset's class names, in index order.
+        classes: The class indices captured.
+        drawn: With ``--protocol paper``: the ``--classes`` drawn against the all-class mean; else ``None``.
+        per_class: At most this many images per class (``None``: all).
+        out: The output folder, already shown to be writable.
+    """
+
+    args: argparse.Namespace
+    source: Source
+    found: SEGates
+    blocks: list[str]
+    ablated: list[str]
+    class_names: list[str]
+    classes: list[int]
+    drawn: list[int] | None
+    per_class: int | None
+    out: Path
+
+    @property
+    def paper_protocol(self) -> bool:
+        return self.args.protocol == PAPER_PROTOCOL
+
+
+def resolve_study(args: argparse.Namespace) -> Study:
+    """Check every flag, load the model and data, and resolve its SE blocks and the classes, each once.
+
+    Raises:
+        AnalysisError: (or the trainer's errors, for a checkpoint) one line naming the bad flag and its fix.
+    """
     _check_numbers_and_device(args)
     out = _writable_out(_default_out(args))
     _check_source_flags(args)
-    model, dataset, aliases, facts = _from_checkpoint(args) if args.ckpt else _from_model(args)
-    gates = find_gates(model)
-    paper = model_paper_names(model, gates)
-    if not gates:
-        what = args.ckpt or args.model
-        raise AnalysisError(f"{what} holds a model with no SE block: analyse a checkpoint trained with SE (--se) or "
-                            "an SE network (efficientnet_b0, regnet_y_400mf, timm:seresnet50, ...)")
+    source = _from_checkpoint(args) if args.ckpt else _from_model(args)
+    found = SEGates.find(source.model)
+    if not found.gates:
+        raise AnalysisError(f"{args.ckpt or args.model} holds a model with no SE block: analyse a checkpoint trained "
+                            "with SE (--se) or an SE network (efficientnet_b0, regnet_y_400mf, timm:seresnet50, ...)")
     paper_protocol = args.protocol == PAPER_PROTOCOL
-    wanted = None if args.blocks == "all" else _split(args.blocks)
+    blocks = _studied_blocks(found, args.blocks, paper_protocol)
+    ablated = _ablated_blocks(source.model, found, blocks, args.ablate)
+    class_names = [str(c) for c in source.dataset.classes]
+    chosen = resolve_classes(_split(args.classes), class_names, source.aliases, once=True)
+    every = list(range(len(class_names)))
+    # the paper's all-class curve is over every class of the split; the chosen classes are the curves drawn
+    classes, drawn = (every, chosen) if paper_protocol else (chosen or every, None)
+    per_class = args.per_class or (PER_CLASS if paper_protocol else None)
+    return Study(args, source, found, blocks, ablated, class_names, classes, drawn, per_class, out)
+
+
+def _studied_blocks(found: SEGates, spec: str, paper_protocol: bool) -> list[str]:
+    """``--blocks``; by default every block, or the paper's with its protocol (every block of a model without
+    ``SE_<stage>_<block>`` names)."""
+    wanted = None if spec == "all" else _split(spec)
     if paper_protocol and wanted is None:
-        wanted = paper_blocks(list(gates), paper) or None  # models without SE_<stage>_<block> names: every block
-    blocks = select_blocks(gates, paper, wanted)
-    ablated = ablation_blocks(model, args.ablate) if args.ablate else []
-    uncaptured = [paper.get(b, b) for b in ablated if b not in blocks]
+        wanted = paper_blocks(found.blocks, found.paper_names) or None
+    return found.select(wanted)
+
+
+def _ablated_blocks(model: nn.Module, found: SEGates, blocks: list[str], spec: str | None) -> list[str]:
+    """``--ablate``'s blocks, each one captured (its gate is fixed to its captured mean)."""
+    ablated = ablation_blocks(model, spec, found) if spec else []
+    uncaptured = [found.paper_names.get(b, b) for b in ablated if b not in blocks]
     if uncaptured:
         raise AnalysisError(f"--ablate {','.join(uncaptured)}: not among the --blocks studied, so their gates cannot "
                             "be fixed to their mean; add them to --blocks (or drop --blocks)")
-    names = [str(c) for c in dataset.classes]
-    chosen = resolve_classes(_split(args.classes), names, aliases, once=True)
-    every = list(range(len(names)))
-    # the paper's all-class curve is over every class of the split; the chosen classes are the curves drawn
-    classes, drawn = (every, chosen) if paper_protocol else (chosen or every, None)
-    per_class = args.per_class or (PAPER_PER_CLASS if paper_protocol else None)
-    model.to(args.device)
-    loader_kwargs = {"batch_size": args.batch_size, "num_workers": args.workers, "pin_memory": args.device != "cpu"}
-    loader = DataLoader(_subset(dataset, classes, per_class), **loader_kwargs)
-    progress = not args.no_progress
-    stats = capture_excitations(model, loader, blocks=blocks, classes=classes, progress=progress)
-    metrics = metrics_frame(stats)
-    stats.to_frame().to_csv(out / "excitations.csv", index=False)
-    shown = [stats.class_names[k] for k in stats.classes]
+    return ablated
+
+
+def _loader(study: Study) -> DataLoader:
+    args = study.args
+    return DataLoader(_subset(study.source.dataset, study.classes, study.per_class), batch_size=args.batch_size,
+                      num_workers=args.workers, pin_memory=args.device != "cpu")
+
+
+def _figures(study: Study, stats: ExcitationStats, metrics: pd.DataFrame) -> dict[str, np.ndarray] | None:
+    """fig6, fig7 and specificity in ``--out``; returns the channels drawn where the paper's protocol samples them."""
     sampled = None
-    if paper_protocol:
-        sampled = sample_channels({b: stats.mean(b).size for b in stats.blocks}, k=PAPER_CHANNELS, seed=args.seed)
-    save_figure(plot_fig6(stats, classes=drawn, sampled=sampled), out, "fig6")
-    save_figure(plot_fig7(stats, classes=drawn[:2] if drawn else None, sampled=sampled), out, "fig7")
-    save_figure(plot_specificity(metrics), out, "specificity")
-    ablation = None
-    if ablated:
-        ablation = ablate(model, loader, ablated, stats, progress=progress)
-        ablation.to_csv(out / "ablation.csv", index=False)
-    summary = {
-        "run": {
-            **facts,
-            "split": args.split,
-            "protocol": args.protocol,
-            "classes": shown,
-            "drawn_classes": [stats.class_names[k] for k in drawn] if drawn else None,
-            "images_per_class": {c: stats.count(stats.blocks[0], c) for c in shown},
-            "per_class_limit": per_class,
-            "blocks": len(stats.blocks),
-            "sampled_channels": None if sampled is None else {stats.paper_name(b): c.tolist()
-                                                               for b, c in sampled.items()},
-            "channel_seed": args.seed if paper_protocol else None,
-            "device": args.device,
-            "seconds": round(time.perf_counter() - started, 2),
-        },
-        "blocks": metrics.to_dict(orient="records"),
-        "ablation": None if ablation is None else ablation.to_dict(orient="records"),
+    if study.paper_protocol:
+        sampled = sample_channels({b: stats.mean(b).size for b in stats.blocks}, k=CHANNELS, seed=study.args.seed)
+    drawn = study.drawn
+    save_figure(plot_fig6(stats, classes=drawn, sampled=sampled), study.out, "fig6")
+    save_figure(plot_fig7(stats, classes=drawn[:2] if drawn else None, sampled=sampled), study.out, "fig7")
+    save_figure(plot_specificity(metrics), study.out, "specificity")
+    return sampled
+
+
+def _removal_check(study: Study, loader: DataLoader, stats: ExcitationStats) -> pd.DataFrame | None:
+    """The ``--ablate`` table, also written as ``ablation.csv``; ``None`` without ``--ablate``."""
+    if not study.ablated:
+        return None
+    ablation = ablate(study.source.model, loader, study.ablated, stats, found=study.found,
+                      progress=not study.args.no_progress)
+    ablation.to_csv(study.out / "ablation.csv", index=False)
+    return ablation
+
+
+def _run_facts(study: Study, stats: ExcitationStats, sampled: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    """The ``run`` part of summary.json: where the model and data came from and what was captured."""
+    args, captured = study.args, [stats.class_names[k] for k in stats.classes]
+    return {
+        **study.source.facts,
+        "split": args.split,
+        "protocol": args.protocol,
+        "classes": captured,
+        "drawn_classes": [stats.class_names[k] for k in study.drawn] if study.drawn else None,
+        "images_per_class": {c: stats.count(stats.blocks[0], c) for c in captured},
+        "per_class_limit": study.per_class,
+        "blocks": len(stats.blocks),
+        "sampled_channels": None if sampled is None else {stats.paper_name(b): c.tolist() for b, c in sampled.items()},
+        "channel_seed": args.seed if study.paper_protocol else None,
+        "device": args.device,
     }
-    (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
-    return Result(summary, metrics, ablation, out)
+
+
+def run(args: argparse.Namespace) -> Result:
+    """Everything the CLI does but printing."""
+    started = time.perf_counter()
+    study = resolve_study(args)
+    study.source.model.to(args.device)
+    loader = _loader(study)
+    stats = record_excitations(study.source.model, loader, study.found.only(study.blocks),
+                               class_names=study.class_names, classes=study.classes, progress=not args.no_progress)
+    metrics = metrics_frame(stats)
+    stats.to_frame().to_csv(study.out / "excitations.csv", index=False)
+    sampled = _figures(study, stats, metrics)
+    ablation = _removal_check(study, loader, stats)
+    facts = {**_run_facts(study, stats, sampled), "seconds": round(time.perf_counter() - started, 2)}
+    summary = {"run": facts, "blocks": metrics.to_dict(orient="records"),
+               "ablation": None if ablation is None else ablation.to_dict(orient="records")}
+    (study.out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    return Result(summary, metrics, ablation, study.out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

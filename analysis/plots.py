@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from analysis.excitation_stats import ALL, ExcitationStats
+from analysis.collected import ALL, ExcitationStats
 from analysis.protocol import paper_blocks
 
 __all__ = ["fig6_blocks", "plot_fig6", "plot_fig7", "plot_specificity", "save_figure"]
@@ -139,7 +139,8 @@ def plot_fig7(
                 mean, std = stats.mean(block, cls)[x], np.nan_to_num(stats.std(block, cls)[x])
                 ax.plot(x, mean, color=color, lw=1.0, label=f"class {cls} (n={stats.count(block, cls)})")
                 ax.fill_between(x, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=color, alpha=0.25, lw=0)
-            ax.set(title=stats.paper_name(block), xlabel="channel index", ylim=(-0.02, 1.05), xlim=(x[0], max(x[-1], x[0] + 1)))
+            ax.set(title=stats.paper_name(block), xlabel="channel index", ylim=(-0.02, 1.05),
+                   xlim=(x[0], max(x[-1], x[0] + 1)))
         _finish(fig, axes, "excitation (mean ± std)")
     return fig
 
@@ -149,7 +150,7 @@ def plot_specificity(metrics: pd.DataFrame) -> plt.Figure:
     against depth, every block.
 
     Args:
-        metrics: :func:`analysis.stats.metrics_frame` output.
+        metrics: :func:`analysis.metrics.metrics_frame` output.
     """
     metrics = metrics.sort_values("depth")
     specificity = {

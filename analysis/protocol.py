@@ -2,35 +2,30 @@
 
 The paper takes 50 validation images per class and 50 uniformly sampled channels of the last SE block of each stage
 before downsampling, plus every block of the last stage, and draws each class's mean excitation beside the mean over
-all classes. On SE-ResNet-50 the blocks are SE_2_3, SE_3_4, SE_4_6, SE_5_1, SE_5_2, SE_5_3 (``design.md`` section 3).
+all classes. On SE-ResNet-50 the blocks are SE_2_3, SE_3_4, SE_4_6, SE_5_1, SE_5_2, SE_5_3. The
+numbers and the ``SE_<stage>_<block>`` grammar are :mod:`se_surgery.paper`'s.
 """
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["PAPER_CHANNELS", "PAPER_PER_CLASS", "paper_blocks", "paper_stages", "sample_channels"]
+from se_surgery.paper import CHANNELS, paper_stage
 
-PAPER_PER_CLASS = 50
-"""Validation images per class."""
-
-PAPER_CHANNELS = 50
-"""Channels drawn per block for the figures."""
-
-_PAPER_NAME = re.compile(r"SE_(\d+)_(\d+)$")
+__all__ = ["paper_blocks", "paper_stages", "sample_channels"]
 
 
 def paper_stages(blocks: Sequence[str], paper_names: Mapping[str, str]) -> dict[int, list[str]]:
-    """Stage number -> its SE module names in forward order, from ``SE_<stage>_<block>`` names (others left out)."""
+    """Stage number -> its SE module names in forward order, from ``SE_<stage>_<block>[_<k>]`` names (others, such
+    as ``SE_top``, left out)."""
     stages: dict[int, list[str]] = {}
     for block in blocks:
-        match = _PAPER_NAME.match(paper_names.get(block, ""))
-        if match:
-            stages.setdefault(int(match[1]), []).append(block)
+        stage = paper_stage(paper_names.get(block, ""))
+        if stage is not None:
+            stages.setdefault(stage, []).append(block)
     return dict(sorted(stages.items()))
 
 
@@ -52,7 +47,7 @@ def paper_blocks(blocks: Sequence[str], paper_names: Mapping[str, str]) -> list[
     return [b for b in blocks if b in chosen]
 
 
-def sample_channels(channels: Mapping[str, int], *, k: int = PAPER_CHANNELS, seed: int = 0) -> dict[str, np.ndarray]:
+def sample_channels(channels: Mapping[str, int], *, k: int = CHANNELS, seed: int = 0) -> dict[str, np.ndarray]:
     """``k`` channel indices per block, drawn uniformly without replacement and sorted (all of them if fewer).
 
     Each block's draw depends only on ``seed`` and the block's name, so adding or dropping blocks does not change

@@ -8,11 +8,12 @@ data read from the paper, plus the ``SE_<stage>_<block>`` name grammar of its Se
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "PaperName", "format_paper_name", "parse_paper_name", "paper_stage",
-    "TABLE2", "COST_TABLES", "PER_CLASS", "CHANNELS",
+    "TABLE2", "Reported", "AblationTable", "RESNET50", "SE_RESNET50", "ABLATIONS", "COST_TABLES",
+    "PER_CLASS", "CHANNELS",
 ]
 
 # ---- the name grammar (Sec. 7.2, Fig. 6-7) ----------------------------------------------------------------------
@@ -47,7 +48,7 @@ def paper_stage(name: str) -> int | None:
     return None if parsed is None else parsed.stage
 
 
-# ---- costs (Table 2 and the ResNet-50 ablations, r = 16) ----------------------------------------------------------
+# ---- Table 2 and the ResNet-50 ablations (r = 16 unless varied) ------------------------------------------------------
 
 TABLE2: dict[str, dict[str, tuple[float, float]]] = {
     "resnet50": {"params": (25.6, 28.1), "gmacs": (3.86, 3.87)},
@@ -56,18 +57,61 @@ TABLE2: dict[str, dict[str, tuple[float, float]]] = {
 }
 """Table 2: parameters (M) and GFLOPs (multiply-adds) of the base network and its SE version, r = 16."""
 
-COST_TABLES: dict[str, list[tuple[str, dict | None, float, float | None]]] = {
-    "Table 10: reduction ratio r": [(f"r = {r}", {"reduction": r}, p, None) for r, p in
-                                    ((2, 45.7), (4, 35.7), (8, 30.7), (16, 28.1), (32, 26.9))],
-    "Table 13: SE in one stage": [(f"stage {s} only", {"where": [s]}, p, None)
-                                  for s, p in ((2, 25.6), (3, 25.7), (4, 26.4))],
-    "Table 15: SE 3x3": [("SE 3x3", {"position": "3x3"}, 25.8, None)],
-    "Table 16: NoSqueeze": [("ResNet-50", None, 25.6, 3.86), ("NoSqueeze", {"squeeze": "none"}, 28.1, 4.27),
-                            ("SE", {}, 28.1, 3.87)],
+
+class Reported(NamedTuple):
+    """What one of the paper's tables reports for a ResNet-50 variant on ImageNet; ``None`` where it gives nothing."""
+
+    params_m: float | None = None
+    gflops: float | None = None  # multiply-adds of one 224 x 224 image
+    top1_err: float | None = None  # single-crop top-1 error (%)
+
+
+class AblationTable(NamedTuple):
+    """One ablation table: its title, and per variant (named as ``python -m analysis.ablations --variants`` takes
+    it) what the paper reports."""
+
+    title: str
+    rows: dict[str, Reported]
+
+
+RESNET50 = Reported(25.6, 3.86)
+"""ResNet-50 without SE, the baseline of every ablation (Tables 13 and 16). It has no top-1 error here: Table 2's
+24.80 comes from the main results' training, not from the bias-free ablation runs of Tables 10-16."""
+
+SE_RESNET50 = Reported(28.1, 3.87, 22.28)
+"""The standard SE-ResNet-50 of the ablations (r = 16, SE on every block's residual branch)."""
+
+_SE_TOP1 = Reported(top1_err=SE_RESNET50.top1_err)  # the standard SE in a table that gives only errors
+
+ABLATIONS: dict[str, AblationTable] = {
+    "reduction": AblationTable("Table 10: reduction ratio r", {
+        f"r={r}": Reported(p) for r, p in ((2, 45.7), (4, 35.7), (8, 30.7), (16, SE_RESNET50.params_m), (32, 26.9))}),
+    "squeeze": AblationTable("Table 11: squeeze operator", {"avg": _SE_TOP1, "max": Reported(top1_err=22.57)}),
+    "excitation": AblationTable("Table 12: excitation operator", {
+        "relu": Reported(top1_err=23.47), "tanh": Reported(top1_err=23.00), "sigmoid": _SE_TOP1}),
+    "stage": AblationTable("Table 13: SE in one stage", {
+        "SE stage 2": Reported(25.6), "SE stage 3": Reported(25.7), "SE stage 4": Reported(26.4),
+        "SE all": Reported(SE_RESNET50.params_m)}),
+    "integration": AblationTable("Table 14: integration strategy", {
+        "SE": _SE_TOP1, "SE-PRE": Reported(top1_err=22.23), "SE-POST": Reported(top1_err=22.78),
+        "SE-Identity": Reported(top1_err=22.20)}),
+    "3x3": AblationTable("Table 15: SE on the 3x3 convolution", {
+        "SE": SE_RESNET50._replace(gflops=None), "SE 3x3": Reported(25.8, None, 22.48)}),
+    "nosqueeze": AblationTable("Table 16: NoSqueeze", {"NoSqueeze": Reported(28.1, 4.27, 22.93), "SE": SE_RESNET50}),
 }
-"""The ResNet-50 ablations' costs: per table, rows of (label, add_se options or None for the plain network, the
-paper's parameters (M), its GFLOPs where the table gives them). Counted with biased FC layers (Table 10's 28.1M at
-r = 16 is Table 2's); without biases every count still rounds to the paper's."""
+"""The ResNet-50 ablations (Tables 10-16), keyed as ``python -m analysis.ablations --table`` takes them. Each table
+is also compared with :data:`RESNET50`, which its rows do not repeat."""
+
+COST_TABLES: dict[str, dict[str, dict[str, Any] | None]] = {
+    "reduction": {f"r={r}": {"reduction": r} for r in (2, 4, 8, 16, 32)},
+    "stage": {f"SE stage {s}": {"where": [s]} for s in (2, 3, 4)},
+    "3x3": {"SE 3x3": {"position": "3x3"}},
+    "nosqueeze": {"ResNet-50": None, "NoSqueeze": {"squeeze": "none"}, "SE": {}},
+}
+"""The ablation rows whose costs :func:`se_surgery.surgery.cost.paper_tables` counts: per :data:`ABLATIONS` key, its
+variants with the :func:`se_surgery.add_se` options that build each (``None``: the plain network, :data:`RESNET50`);
+the paper's numbers are :data:`ABLATIONS`'. Counted with biased FC layers (Table 10's 28.1M at r = 16 is Table 2's);
+without biases every count still rounds to the paper's."""
 
 # ---- the excitation study's protocol (Sec. 7.2) -----------------------------------------------------------------
 

@@ -97,18 +97,31 @@ def test_sweep_refuses_another_recipe_in_the_same_folder(tmp_path, capsys) -> No
 
 def test_every_table_has_the_papers_variants() -> None:
     assert [v.name for v in TABLES["reduction"][1]] == ["no SE (ResNet-50)", "r=2", "r=4", "r=8", "r=16", "r=32"]
-    assert [v.paper_params_m for v in TABLES["stage"][1]] == [25.6, 25.6, 25.7, 26.4, 28.1]
-    assert [v.paper_top1_err for v in TABLES["integration"][1]] == [None, 22.28, 22.23, 22.78, 22.20]
+    assert [v.paper.params_m for v in TABLES["stage"][1]] == [25.6, 25.6, 25.7, 26.4, 28.1]
+    assert [v.paper.top1_err for v in TABLES["integration"][1]] == [None, 22.28, 22.23, 22.78, 22.20]
     assert {v.overrides.get("position") for v in TABLES["3x3"][1]} == {None, "3x3"}
-    assert TABLES["nosqueeze"][1][1].overrides == {"squeeze": "none"} and TABLES["nosqueeze"][1][1].paper_gmacs == 4.27
+    assert TABLES["nosqueeze"][1][1].overrides == {"squeeze": "none"} and TABLES["nosqueeze"][1][1].paper.gflops == 4.27
     # every table starts with the no-SE baseline (ResNet-50: 25.6M, 3.86 GFLOPs; no top-1 error in Tables 10-16)
     assert all(variants[0] is NO_SE for _, variants in TABLES.values())
-    assert (NO_SE.overrides, NO_SE.paper_params_m, NO_SE.paper_gmacs, NO_SE.paper_top1_err) == ({"se": False}, 25.6,
+    assert (NO_SE.overrides, NO_SE.paper.params_m, NO_SE.paper.gflops, NO_SE.paper.top1_err) == ({"se": False}, 25.6,
                                                                                                  3.86, None)
     from se_surgery.train import get_recipe
 
     runs = [item.run.name for item in ablations.plan(list(TABLES), get_recipe(), pathlib.Path("x"))]
     assert runs.count("no-se") == len(TABLES) and len(set(runs)) == 17  # the baseline is trained once, shared
+
+
+def test_the_papers_numbers_come_from_se_surgery_paper_one_row_per_variant() -> None:
+    """Every variant the sweep trains has its row in se_surgery.paper.ABLATIONS and every row a variant; the cost
+    check counts rows of the same tables, so no number of the paper is written twice."""
+    from se_surgery.paper import ABLATIONS, COST_TABLES, RESNET50
+
+    assert {key: [v.name for v in variants[1:]] for key, (_, variants) in TABLES.items()} == {
+        key: list(table.rows) for key, table in ABLATIONS.items()}
+    assert all(v.paper is ABLATIONS[key].rows[v.name] for key, (_, vs) in TABLES.items() for v in vs[1:])
+    assert NO_SE.paper is RESNET50 and TABLES["3x3"][0] == ABLATIONS["3x3"].title
+    for key, variants in COST_TABLES.items():
+        assert set(variants) - {"ResNet-50"} <= set(ABLATIONS[key].rows), key
 
 
 def test_standard_se_config_is_unchanged_and_variants_are_recorded() -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from analysis import AnalysisError, ExcitationStats, capture_excitations
 from analysis.capture import find_gates
-from analysis.streaming import ClassMoments
+from analysis.moments import ClassMoments
 
 
 def stored_gate_outputs(model: nn.Module, loader) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -148,7 +148,7 @@ def test_statistics_are_reduced_across_ranks() -> None:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bf16"])
 def test_fixed_gates_follow_the_inputs_dtype(dtype: torch.dtype) -> None:
     """--ablate's constant gates give the captured float64 means in the input's own dtype (and device)."""
-    from analysis.ablation import fix_gates
+    from analysis.removal import fix_gates
 
     model = seeded_model().to(dtype)
     stats = capture_excitations(model, [(x.to(dtype), y) for x, y in make_loader(n=16)])
@@ -169,7 +169,7 @@ def test_fixed_gates_follow_the_inputs_dtype(dtype: torch.dtype) -> None:
 
 
 def test_block_and_class_names_resolve_in_one_place() -> None:
-    from analysis.excitation_stats import resolve_classes, select_blocks
+    from analysis.collected import resolve_classes, select_blocks
     from se_surgery.surgery.naming import resolve_blocks
 
     paper = {"layer1.0.se": "SE_2_1", "layer4.1.se": "SE_5_2"}

@@ -18,9 +18,10 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from analysis.ablation import evaluate  # noqa: E402
+from analysis.excitations import build_parser, main, resolve_study, run  # noqa: E402
+from analysis.removal import evaluate  # noqa: E402
+
 from .analysis_models import Payload, one_line_error  # noqa: E402
-from analysis.excitations import main  # noqa: E402
 
 PER_CLASS = 4
 FIGURES = ("fig6", "fig7", "specificity")
@@ -240,12 +241,46 @@ def test_a_class_asked_for_twice_is_refused(ckpt, folder, tmp_path, capsys) -> N
     err = _one_line_error(capsys, ["--model", "mobilenet_v3_small", "--data", str(folder), "--classes", "dog,cat,0",
                                    *out])
     assert "class 'cat' is asked for twice (as 'cat' and '0')" in err
+    from analysis.collected import resolve_classes
     from analysis.errors import AnalysisError
-    from analysis.excitation_stats import resolve_classes
 
     assert resolve_classes(["b", 1], ["a", "b"]) == [1, 1]  # the library alone still resolves each mention
     with pytest.raises(AnalysisError, match="class 'b' is asked for twice"):
         resolve_classes(["b", 1], ["a", "b"], once=True)
+
+
+def test_the_study_is_resolved_once_before_any_capture(ckpt, tmp_path, capsys, monkeypatch) -> None:
+    """--protocol paper on the digits: the paper's SE blocks of SE-ResNet-18, every class captured and --classes
+    drawn, --ablate last-stage; the run finds the gates once and every step (capture, figures, removal) reuses them."""
+    import sys
+
+    import analysis.capture
+
+    flags = ["--ckpt", str(ckpt), "--protocol", "paper", "--per-class", "2", "--out", str(tmp_path), "--no-progress"]
+    err = _one_line_error(capsys, [*flags, "--classes", "7,42"])
+    assert "unknown class '42': use any of 0, 1, 2" in err
+    args = build_parser().parse_args([*flags, "--classes", "7,3", "--ablate", "last-stage"])
+    study = resolve_study(args)
+    assert study.blocks == ["layer1.1.se", "layer2.1.se", "layer3.1.se", "layer4.0.se", "layer4.1.se"]
+    assert [study.found.paper_names[b] for b in study.blocks] == ["SE_2_2", "SE_3_2", "SE_4_2", "SE_5_1", "SE_5_2"]
+    assert study.ablated == ["layer4.0.se", "layer4.1.se"] and len(study.found.gates) == 8
+    assert study.classes == list(range(10)) and study.drawn == [7, 3] and study.per_class == 2
+    assert not (tmp_path / "excitations.csv").exists()
+
+    original, calls = analysis.capture.find_gates, []
+
+    def counted(model):
+        calls.append(type(model).__name__)
+        return original(model)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("analysis") and getattr(module, "find_gates", None) is original:
+            monkeypatch.setattr(module, "find_gates", counted)
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = run(args).summary
+    assert calls == ["ResNet"]
+    assert summary["run"]["drawn_classes"] == ["7", "3"] and len(summary["blocks"]) == 5
+    assert summary["ablation"][1]["blocks"] == "SE_5_1,SE_5_2"
 
 
 def test_ablating_blocks_left_out_of_the_study_is_refused_before_the_capture(ckpt, tmp_path, capsys) -> None:
@@ -278,8 +313,8 @@ def test_ablation_of_a_torchvision_se_network(folder, tmp_path) -> None:
 def test_a_gate_the_removal_does_not_know_is_refused_by_name() -> None:
     from torch import nn
 
-    from analysis.ablation import ablation_blocks
     from analysis.errors import AnalysisError
+    from analysis.removal import ablation_blocks
 
     class OwnGate(nn.Module):
         def __init__(self) -> None:

@@ -23,8 +23,8 @@ from torchvision.transforms import v2  # noqa: E402
 
 from analysis.capture import find_gates, model_paper_names  # noqa: E402
 from .analysis_models import Payload, one_line_error  # noqa: E402
+from analysis.collected import resolve_classes  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
-from analysis.excitation_stats import resolve_classes  # noqa: E402
 from analysis.excitations import main  # noqa: E402
 from analysis.foreign import imagenet_words, model_transform  # noqa: E402
 from analysis.protocol import paper_blocks, sample_channels  # noqa: E402
@@ -184,6 +184,9 @@ def test_paper_protocol_blocks_on_se_resnet50() -> None:
     paper = model_paper_names(model, gates)
     assert [paper[b] for b in paper_blocks(list(gates), paper)] == ["SE_2_3", "SE_3_4", "SE_4_6", "SE_5_1", "SE_5_2",
                                                                    "SE_5_3"]
+    # a block's second SE (SE_<s>_<b>_2) belongs to its stage; names outside the grammar (SE_top) to none
+    names = {"a": "SE_2_1", "b": "SE_2_1_2", "c": "SE_3_1", "d": "SE_top", "e": "layer9.se"}
+    assert paper_blocks(list(names), names) == ["b", "c"]
 
 
 def test_paper_protocol_channel_sampling_is_seeded_and_uniform() -> None:

@@ -11,8 +11,8 @@ from scipy import stats as sps
 from scipy.spatial.distance import jensenshannon
 
 from analysis import ExcitationStats
-from analysis.stats import block_metrics, metrics_frame
-from analysis.streaming import ClassMoments
+from analysis.metrics import block_metrics, metrics_frame
+from analysis.moments import ClassMoments
 
 
 def synthetic(values: torch.Tensor, labels: torch.Tensor, batch: int = 37) -> ExcitationStats:

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import SurgeryError
 from ..modes import eval_mode
-from ..paper import COST_TABLES
+from ..paper import ABLATIONS, COST_TABLES, RESNET50
 
 __all__ = ["Summary", "summary", "count_parameters", "count_macs", "paper_tables"]
 
@@ -84,7 +84,8 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224), **
 def paper_tables(
     make_base: Callable[[], nn.Module], input_size: tuple[int, ...] = (1, 3, 224, 224)
 ) -> list[dict[str, Any]]:
-    """Our cost of every variant in :data:`se_surgery.paper.COST_TABLES` beside the paper's, one dict per row.
+    """Our cost of every variant in :data:`se_surgery.paper.COST_TABLES` beside the paper's (its
+    :data:`~se_surgery.paper.ABLATIONS`), one dict per row.
 
     Args:
         make_base: builds the plain network (``torchvision.models.resnet50``); called once.
@@ -94,13 +95,14 @@ def paper_tables(
 
     base = make_base()
     rows = []
-    for table, variants in COST_TABLES.items():
-        for label, options, paper_params, paper_gflops in variants:
+    for key, variants in COST_TABLES.items():
+        for label, options in variants.items():
+            paper = RESNET50 if options is None else ABLATIONS[key].rows[label]
             model = base if options is None else add_se(base, **options)
             rows.append({
-                "table": table, "variant": label, "options": options,
-                "params": count_parameters(model), "paper params (M)": paper_params,
-                "macs": count_macs(model, input_size) if paper_gflops is not None else None,
-                "paper GFLOPs": paper_gflops,
+                "table": ABLATIONS[key].title, "variant": label, "options": options,
+                "params": count_parameters(model), "paper params (M)": paper.params_m,
+                "macs": count_macs(model, input_size) if paper.gflops is not None else None,
+                "paper GFLOPs": paper.gflops,
             })
     return rows

@@ -52,7 +52,7 @@ import pandas as pd
 from scipy import stats as sps
 from scipy.spatial.distance import jensenshannon
 
-from analysis.excitation_stats import ExcitationStats
+from analysis.collected import ExcitationStats
 
 __all__ = ["FAINT_GAP", "SATURATION_LEVEL", "VISIBLE_GAP", "block_metrics", "metrics_frame", "verdict"]
 

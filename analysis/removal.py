@@ -2,7 +2,7 @@
 
 Two ways to take a block's excitation out, next to the intact model:
 
-- ``removed``: :func:`se_surgery.remove_se` takes the SE module out of the graph (the block computes ``x``, not
+- ``removed``: :func:`se_surgery.remove_se` takes the SE module out of the graph (its owner computes ``x``, not
   ``s * x``); torchvision's and timm's own SE modules (EfficientNet, MobileNetV3, RegNetY, SE-ResNet), each of which
   returns ``x * s``, become an identity. The saving is the SE's parameters.
 - ``fixed``: the gate outputs its dataset-mean excitation (the all-class mean captured by
@@ -14,7 +14,7 @@ Two ways to take a block's excitation out, next to the intact model:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -22,11 +22,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from analysis.capture import find_gates, is_known_se, model_paper_names
+from analysis.capture import SEGates, find_gates, is_known_se
+from analysis.collected import ExcitationStats
 from analysis.errors import AnalysisError
-from analysis.excitation_stats import ExcitationStats, select_blocks
 from analysis.protocol import paper_stages
 from se_surgery.modes import eval_mode
+from se_surgery.surgery.cost import count_parameters
 from se_surgery.train.metrics import topk_correct
 
 __all__ = ["ConstantGate", "ablate", "ablation_blocks", "check_removable", "evaluate", "fix_gates", "remove_blocks"]
@@ -51,25 +52,30 @@ class ConstantGate(nn.Module):
         return value.view(1, -1, *([1] * (x.dim() - 2))).expand_as(x)
 
 
-def ablation_blocks(model: nn.Module, spec: str) -> list[str]:
+def ablation_blocks(model: nn.Module, spec: str, found: SEGates | None = None) -> list[str]:
     """SE module names from ``--ablate``: comma-separated block names / paper names, ``last-stage`` or ``all``,
     each checked to be one :func:`remove_blocks` can take out.
+
+    Args:
+        model: The model to take blocks out of.
+        spec: The ``--ablate`` text.
+        found: ``SEGates.find(model)`` where the caller has it already.
 
     Raises:
         AnalysisError: unknown names (the valid ones are listed), a model without paper names for ``last-stage``,
             or a block the removal cannot take out.
     """
-    gates, paper = find_gates(model), model_paper_names(model)
+    found = SEGates.find(model) if found is None else found
     if spec.strip() == ALL_BLOCKS:
-        blocks = list(gates)
+        blocks = found.blocks
     elif spec.strip() != LAST_STAGE:
-        blocks = select_blocks(gates, paper, [s.strip() for s in spec.split(",") if s.strip()])
+        blocks = found.select([s.strip() for s in spec.split(",") if s.strip()])
     else:
-        stages = paper_stages(list(gates), paper)
+        stages = paper_stages(found.blocks, found.paper_names)
         if not stages:
             raise AnalysisError(
                 f"'{LAST_STAGE}' needs SE_<stage>_<block> names, which this model has not: name the blocks instead, "
-                f"e.g. --ablate {','.join(list(gates)[-2:])}"
+                f"e.g. --ablate {','.join(found.blocks[-2:])}"
             )
         blocks = stages[max(stages)]
     check_removable(model, blocks)
@@ -101,7 +107,7 @@ def _unremovable(model: nn.Module, blocks: Iterable[str]) -> list[str]:
 
 def remove_blocks(model: nn.Module, blocks: Iterable[str]) -> nn.Module:
     """A copy of ``model`` without the SE blocks ``blocks``: add_se's taken out by :func:`se_surgery.remove_se`,
-    torchvision's and timm's SE modules (each returns ``x * s``) replaced by an identity, so the block computes ``x``.
+    torchvision's and timm's SE modules (each returns ``x * s``) replaced by an identity, so their owners compute ``x``.
 
     Raises:
         AnalysisError: a block that is neither (see :func:`check_removable`).
@@ -119,10 +125,14 @@ def remove_blocks(model: nn.Module, blocks: Iterable[str]) -> nn.Module:
     return out
 
 
-def fix_gates(model: nn.Module, means: dict[str, np.ndarray]) -> nn.Module:
-    """A copy of ``model`` whose gates of the blocks in ``means`` return those constant excitations."""
+def fix_gates(model: nn.Module, means: dict[str, np.ndarray], gates: Mapping[str, str] | None = None) -> nn.Module:
+    """A copy of ``model`` whose gates of the blocks in ``means`` return those constant excitations.
+
+    Args:
+        gates: ``find_gates(model)`` where the caller has it already (the copy's modules have the same names).
+    """
     fixed = copy.deepcopy(model)
-    gates = find_gates(fixed)
+    gates = find_gates(fixed) if gates is None else gates
     for block, value in means.items():
         like = next(fixed.get_submodule(block).parameters(), None)
         device = like.device if like is not None else None
@@ -146,16 +156,13 @@ def evaluate(
     return top1, top5, total
 
 
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def ablate(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     blocks: list[str],
     stats: ExcitationStats,
     *,
+    found: SEGates | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Accuracy and parameters of the intact model, ``blocks`` removed, and ``blocks`` with fixed gates.
@@ -165,6 +172,7 @@ def ablate(
         loader: The evaluation data.
         blocks: SE module names to take out.
         stats: Captured statistics holding ``blocks`` (their all-class means fix the gates).
+        found: ``SEGates.find(model)`` where the caller has it already.
         progress: tqdm bars.
 
     Returns:
@@ -177,16 +185,16 @@ def ablate(
     missing = [b for b in blocks if b not in stats.moments]
     if missing:
         raise AnalysisError(f"blocks {missing} were not captured: capture them too (drop --blocks) to fix their gates")
-    gates = find_gates(model)
+    gates = find_gates(model) if found is None else found.gates
     stuck = set(_unremovable(model, gates))
     base = remove_blocks(model, [b for b in gates if b not in stuck])  # the SE overhead of the blocks it can remove
     removed = remove_blocks(model, blocks)
-    fixed = fix_gates(model, {b: stats.mean(b) for b in blocks})
-    base_params, intact_params = _params(base), _params(model)
+    fixed = fix_gates(model, {b: stats.mean(b) for b in blocks}, gates)
+    base_params, intact_params, removed_params = (count_parameters(m) for m in (base, model, removed))
     names = ",".join(stats.paper_name(b) for b in blocks)
     rows = []
-    for variant, net, params in [("intact", model, intact_params), ("removed", removed, _params(removed)),
-                                 ("fixed", fixed, _params(removed))]:
+    for variant, net, params in [("intact", model, intact_params), ("removed", removed, removed_params),
+                                 ("fixed", fixed, removed_params)]:
         top1, top5, n = evaluate(net, loader, desc=variant, progress=progress)
         rows.append({
             "variant": variant,

@@ -1,6 +1,6 @@
 """`ExcitationStats`: what :func:`analysis.capture_excitations` returns.
 
-Per SE block (in forward order) one :class:`~analysis.streaming.ClassMoments`: per class and channel the number of
+Per SE block (in forward order) one :class:`~analysis.moments.ClassMoments`: per class and channel the number of
 images, the mean and the spread of the gate output ``s``, plus a histogram of ``s`` over [0, 1] per class. Blocks are
 named by their SE module (``"layer4.1.se"``); the paper's names (``"SE_5_2"``) are accepted wherever they exist.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.streaming import ClassMoments
+from analysis.moments import ClassMoments
 from se_surgery.surgery.naming import resolve_blocks
 
 __all__ = ["ALL", "ExcitationStats", "resolve_classes", "select_blocks"]
@@ -64,11 +64,12 @@ def resolve_classes(
             out.append(list(names).index(cls))
         elif isinstance(cls, str) and aliases is not None and cls in aliases:
             out.append(list(aliases).index(cls))
-        elif isinstance(cls, (int, np.integer, str)) and str(cls).isdigit() and (names is None or int(cls) < len(names)):
+        elif (isinstance(cls, (int, np.integer, str)) and str(cls).isdigit()
+              and (names is None or int(cls) < len(names))):
             out.append(int(cls))
         else:
-            shown = list(names or aliases or [])
-            valid = ", ".join(shown[:30]) + (f", ... ({len(shown)} in all)" if len(shown) > 30 else "")
+            known = list(names or aliases or [])
+            valid = ", ".join(known[:30]) + (f", ... ({len(known)} in all)" if len(known) > 30 else "")
             raise AnalysisError(f"unknown class {cls!r}: use any of {valid or 'the class indices'} (or their indices)")
     seen: dict[int, int | str] = {}
     for cls, k in zip(classes, out):
