@@ -34,6 +34,7 @@ from analysis.errors import AnalysisError
 from analysis.moments import ClassMoments
 from se_surgery.modes import eval_mode
 from se_surgery.surgery import paper_names
+from se_surgery.surgery.layer_types import LayerKind, is_layer
 from se_surgery.surgery.naming import SE_LEAF, is_resnet_block, paper_names_for
 
 __all__ = [
@@ -44,13 +45,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _GATE_CHILDREN = ("scale_activation", "gate", "sigmoid")  # torchvision and add_se, timm, timm's legacy SENet
-_SE_TYPES = {"SqueezeExcitation", "SEModule", "EffectiveSEModule", "SqueezeExcite", "SqueezeExciteCl"}
 _SE_LEAVES = {"se_module"}  # timm's legacy SENet; add_se's se / se_<k> are matched by SE_LEAF
 
 
 def is_known_se(module: nn.Module) -> bool:
     """Whether ``module`` is one of torchvision's or timm's SE modules (add_se's too), each returning its input * s."""
-    return isinstance(module, SqueezeExcitation) or type(module).__name__ in _SE_TYPES
+    return is_layer(module, LayerKind.SE_MODULE)
 
 
 def find_gates(model: nn.Module) -> dict[str, str]:

@@ -296,7 +296,7 @@ def _drop_narrow(units: dict, config: SEConfig, skipped: list, strict: bool) -> 
             if strict:
                 raise SurgeryError(narrow_message(unit.channels, config.reduction, owner) + ".")
             reason = (
-                f"the block has {unit.channels} channels, fewer than r={config.reduction} (C // unit would be 0; pass a "
+                f"the block has {unit.channels} channels, fewer than r={config.reduction} (C // r would be 0; pass a "
                 "smaller reduction, divisor=8, or where= to leave it out)"
             )
             skipped.append((owner, Skipped(unit.add, SkipKind.NARROW, reason)))
