@@ -163,11 +163,11 @@ def _check_surgery_supports(variant: Variant) -> None:
     """Refuse, before any training, a variant that this version of :func:`se_surgery.add_se` cannot build."""
     import inspect
 
+    from se_surgery import SEConfig
     from se_surgery.surgery import add_se
-    from se_surgery.train.models import SURGERY_DEFAULTS
 
-    accepted = inspect.signature(add_se).parameters
-    needed = [k for k in SURGERY_DEFAULTS if k in variant.overrides and variant.overrides[k] != SURGERY_DEFAULTS[k]]
+    accepted, defaults = inspect.signature(add_se).parameters, SEConfig.defaults()
+    needed = [k for k in defaults if k in variant.overrides and variant.overrides[k] != defaults[k]]
     missing = [k for k in needed if k not in accepted]
     if missing:
         raise AnalysisError(f"variant {variant.name!r} needs add_se({', '.join(f'{k}=...' for k in missing)}), which "
