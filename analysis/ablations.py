@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -120,10 +119,12 @@ def plan(tables: Sequence[str], recipe: Any, out: Path, variants: Sequence[str] 
 
 def _epochs_done(run: Path) -> int:
     """The last finished epoch in ``run/metrics.jsonl`` (0: none; a torn last line counts as not written)."""
-    path, done = run / "metrics.jsonl", 0
-    for line in path.read_text().splitlines() if path.exists() else []:
+    from se_surgery.train.metrics import read_metrics
+
+    done = 0
+    for row in read_metrics(run):
         try:
-            done = max(done, int(json.loads(line)["epoch"]))
+            done = max(done, int(row["epoch"]))
         except (ValueError, KeyError, TypeError):
             continue
     return done
@@ -137,9 +138,10 @@ def _measure(run: Path, recipe: Any) -> dict[str, Any]:
     """Parameters, multiply-adds, final val top-1/top-5 and training seconds of a finished run."""
     from se_surgery.surgery.cost import count_macs, count_parameters
     from se_surgery.train.checkpoint import load_checkpoint
+    from se_surgery.train.metrics import read_metrics
 
     model, _ = load_checkpoint(run / "last.pt", map_location="cpu")
-    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    epochs = [row for row in read_metrics(run) if "epoch" in row]
     final = epochs[-1]
     return {
         "params": count_parameters(model),
@@ -161,11 +163,11 @@ def _check_surgery_supports(variant: Variant) -> None:
     """Refuse, before any training, a variant that this version of :func:`se_surgery.add_se` cannot build."""
     import inspect
 
+    from se_surgery import SEConfig
     from se_surgery.surgery import add_se
-    from se_surgery.train.models import SURGERY_DEFAULTS
 
-    accepted = inspect.signature(add_se).parameters
-    needed = [k for k in SURGERY_DEFAULTS if k in variant.overrides and variant.overrides[k] != SURGERY_DEFAULTS[k]]
+    accepted, defaults = inspect.signature(add_se).parameters, SEConfig.defaults()
+    needed = [k for k in defaults if k in variant.overrides and variant.overrides[k] != defaults[k]]
     missing = [k for k in needed if k not in accepted]
     if missing:
         raise AnalysisError(f"variant {variant.name!r} needs add_se({', '.join(f'{k}=...' for k in missing)}), which "
@@ -245,8 +247,9 @@ def sweep(tables: Sequence[str], recipe: Any, out: Path, *, variants: Sequence[s
         Every row of ``ablations.csv`` (the ones of earlier invocations too).
     """
     from se_surgery.train import train
+    from se_surgery.train.distributed import is_rank_zero
 
-    writer = int(os.environ.get("RANK", "0")) == 0
+    writer = is_rank_zero()
     rows = _read_rows(out)
     if writer:
         _check_same_recipe(out, recipe)
@@ -476,10 +479,9 @@ def _parse_trainer_flags(trainer_args: Sequence[str]) -> argparse.Namespace:
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe fields set on the command line (the trainer's recipe flags default to 'not given')."""
-    from se_surgery.train.recipe import Recipe
+    from se_surgery.train.recipe import given_flags
 
-    names = {f.name for f in dataclasses.fields(Recipe)}
-    return {k: v for k, v in vars(args).items() if k in names}
+    return given_flags(args)
 
 
 def _sweep_defaults(args: argparse.Namespace) -> dict[str, Any]:
@@ -494,13 +496,10 @@ def _sweep_defaults(args: argparse.Namespace) -> dict[str, Any]:
 
 def base_recipe(trainer_args: Sequence[str]) -> Any:
     """The sweep's base recipe from the trainer's flags (the digits default :data:`DIGITS_SWEEP` under them)."""
-    from se_surgery.train.data import DIGITS
-    from se_surgery.train.recipe import get_recipe
+    from se_surgery.train.recipe import recipe_from_flags
 
     args = _parse_trainer_flags(trainer_args)
-    overrides = _given(args)
-    data = overrides.pop("data", DIGITS)
-    return get_recipe(args.recipe, data, **{**_sweep_defaults(args), **overrides})
+    return recipe_from_flags(args, defaults=_sweep_defaults(args))
 
 
 def check_not_varied(tables: Sequence[str], trainer_args: Sequence[str]) -> None:
@@ -567,8 +566,10 @@ def _main(argv: Sequence[str] | None) -> int:
               + ("" if len(chosen_rows) else "; nothing written yet"))
         return 0
 
+    from se_surgery.train.distributed import is_rank_zero
+
     frame = sweep(tables, recipe, args.out, variants=names, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank_zero():
         print(markdown(frame[frame["table"].isin(tables)]))
         print(f"wrote {args.out}/: ablations.csv ablations.md ablations.png ablations.pdf")
     return 0

@@ -16,24 +16,27 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .errors import Interrupted, SESurgeryError
 
-__all__ = ["ArgumentParser", "run_cli", "one_line"]
+__all__ = ["ArgumentParser", "run_cli", "one_line", "os_advice"]
 
-_OS_ADVICE = {
-    errno.ENOSPC: "free some disk space (or pick another --out) and run the command again",
-    errno.EDQUOT: "free some disk quota (or pick another --out) and run the command again",
-    errno.EACCES: "pick a folder you can write to, or fix its permissions",
-    errno.EPERM: "pick a folder you can write to, or fix its permissions",
-    errno.EROFS: "the file system is read-only: pick a folder on a writable one",
-    errno.ENOTDIR: "a part of the path is a file, not a folder: pick another path",
-    errno.EEXIST: "the path exists and is not a folder: pick another path",
-    errno.EISDIR: "the path is a folder, not a file: name the file inside it",
-    errno.ENOENT: "check the path",
+# What to do about a file-system error, by errno: (for any path, for a folder that must stay, a run's own).
+_OS_ADVICE: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("free some disk space (or pick another --out)", "free some disk space"),
+    errno.EDQUOT: ("free some disk quota (or pick another --out)", "free some disk quota"),
+    errno.EACCES: ("pick a folder you can write to, or fix its permissions", "make {folder} writable again"),
+    errno.EPERM: ("pick a folder you can write to, or fix its permissions", "make {folder} writable again"),
+    errno.EROFS: ("pick a folder on a writable file system (this one is read-only)",
+                  "make {folder} writable again (its file system is read-only)"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder: pick another path",) * 2,
+    errno.EEXIST: ("the path exists and is not a folder: pick another path",) * 2,
+    errno.EISDIR: ("the path is a folder, not a file: name the file inside it",) * 2,
+    errno.ENOENT: ("check the path",) * 2,
 }
 
 
@@ -49,10 +52,25 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def os_advice(error: OSError, *, folder: str | os.PathLike | None = None) -> str:
+    """What to do about the file-system ``error`` (a full disk, no permission, ...), as one phrase for a message.
+
+    ``folder``: the folder the work must stay in (a run folder that a resume continues), so the advice is to repair
+    it rather than to pick another one.
+
+    Examples:
+        >>> os_advice(OSError(errno.ENOSPC, "No space left on device"))
+        'free some disk space (or pick another --out)'
+        >>> os_advice(OSError(errno.EACCES, "Permission denied"), folder="runs/demo")
+        'make runs/demo writable again'
+    """
+    anywhere, here = _OS_ADVICE.get(error.errno, ("check the path and the disk",) * 2)
+    return anywhere if folder is None else here.format(folder=folder)
+
+
 def _describe_os_error(error: OSError) -> str:
     where = f" {error.filename}" if error.filename else ""
-    advice = _OS_ADVICE.get(error.errno, "check the path and the disk")
-    return f"cannot use{where} ({error.strerror or error}): {advice}"
+    return f"cannot use{where} ({error.strerror or error}): {os_advice(error)}"
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, *,

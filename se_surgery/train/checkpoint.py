@@ -9,7 +9,6 @@ states. There is no RNG state to restore: the trainer reseeds from ``(seed, epoc
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import pickle
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cli import os_advice
 from ..errors import CheckpointError, SurgeryError, TrainError
 from .models import build_model
 
@@ -67,12 +67,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
 
 
 def _write_failed(path: Path, error: OSError, replaced: bool) -> str:
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        advice = "free some disk space, then resume with --resume auto"
-    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        advice = f"make {path.parent} writable again, then resume with --resume auto"
-    else:
-        advice = "check the disk, then resume with --resume auto"
+    advice = f"{os_advice(error, folder=path.parent)}, then resume with --resume auto"
     if replaced:
         kept = f"{path.name} is written but its folder could not be synced"
     else:

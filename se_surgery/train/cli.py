@@ -6,14 +6,15 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import typing
 from pathlib import Path
 
 from ..cli import ArgumentParser, run_cli
 from ..errors import TrainError
+from .distributed import is_rank_zero
 from .loop import train
-from .recipe import PAPER, RECIPES, Recipe, get_recipe
+from .metrics import METRICS_NAME, read_metrics
+from .recipe import PAPER, RECIPES, Recipe, recipe_from_flags
 from .resume import ResumePoint, resolve_resume
 
 __all__ = ["main", "build_parser"]
@@ -22,7 +23,7 @@ PROG = "python -m se_surgery.train"
 
 _EXAMPLES = """\
 examples:
-  # SE-ResNet-18 on the embedded digits (about a minute on 2 CPU cores, >= 97% val top-1)
+  # SE-ResNet-18 on the embedded digits, on the CPU (>= 97% val top-1)
   python -m se_surgery.train --out runs/demo
   # continue a stopped run (or extend it: --resume auto --epochs 12)
   python -m se_surgery.train --out runs/demo --resume auto
@@ -77,12 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = parser.add_argument_group("recipe (each defaults to the chosen recipe's value)")
     hints = typing.get_type_hints(Recipe)
     demo = RECIPES["demo"]
-    for f in dataclasses.fields(Recipe):
-        meta = dict(f.metadata)
-        flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
-        default = f"paper: {getattr(PAPER, f.name)}, demo: {getattr(demo, f.name)}"
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{meta.pop('help')} ({default})", **meta}
-        kind = _flag_type(hints[f.name])
+    for field in dataclasses.fields(Recipe):
+        meta = dict(field.metadata)
+        flag = meta.pop("flag", "--" + field.name.replace("_", "-"))
+        default = f"paper: {getattr(PAPER, field.name)}, demo: {getattr(demo, field.name)}"
+        kwargs = {"dest": field.name, "default": argparse.SUPPRESS, "help": f"{meta.pop('help')} ({default})", **meta}
+        kind = _flag_type(hints[field.name])
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is dict:
@@ -99,13 +100,8 @@ def _recipe_from(args: argparse.Namespace) -> tuple[Recipe, ResumePoint]:
     The trainer then refuses the flags that would change what the resumed run trains
     (:data:`~se_surgery.train.resume.RESUME_MAY_CHANGE`), before it rewrites ``config.json``.
     """
-    names = {f.name for f in dataclasses.fields(Recipe)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
     start = resolve_resume(args.resume, args.out)
-    if start.config is not None:
-        return Recipe.from_dict({**start.config, **overrides}), start
-    data = overrides.pop("data", "digits")
-    return get_recipe(args.recipe, data, **overrides), start
+    return recipe_from_flags(args, saved=start.config), start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,15 +113,14 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if isinstance(getattr(args, "arch_kwargs", None), _BadJSON):
         raise TrainError(args.arch_kwargs)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    main_rank = is_rank_zero()
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(message)s")
     recipe, start = _recipe_from(args)
     recipe.resolved()  # every flag checked before any work
     out = train(recipe, args.out, resume=start, tensorboard=args.tensorboard, progress=not args.no_progress)
-    if rank == 0:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        best = max((json.loads(line)["val_top1"] for line in lines), default=float("nan"))
-        print(f"done: best val top-1 {best:.2f}% -> {out / 'best.pt'} (metrics in {out / 'metrics.jsonl'})")
+    if main_rank:
+        best = max((m["val_top1"] for m in read_metrics(out) if "val_top1" in m), default=float("nan"))
+        print(f"done: best val top-1 {best:.2f}% -> {out / 'best.pt'} (metrics in {out / METRICS_NAME})")
     return 0
 
 

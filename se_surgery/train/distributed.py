@@ -17,7 +17,8 @@ from torch import nn
 
 from ..errors import TrainError
 
-__all__ = ["Env", "setup", "teardown", "all_sum", "per_rank", "broadcast_buffers", "check_replicas_in_sync"]
+__all__ = ["Env", "is_rank_zero", "setup", "teardown", "all_sum", "per_rank", "broadcast_buffers",
+           "check_replicas_in_sync"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,14 @@ class Env:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 of its torchrun job (``RANK``), or runs alone; readable before :func:`setup`.
+
+    Rank 0 is the one that prints, writes the run folder and holds its lock.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def setup() -> Env:

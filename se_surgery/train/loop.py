@@ -1,8 +1,10 @@
 """Retrain an SE model the SENet paper's way: ``python -m se_surgery.train`` and :func:`train`.
 
-Read top to bottom: :func:`train` sets up data, model, optimizer and sampler (or restores them from a checkpoint),
-then each epoch runs :func:`_train_epoch` and :func:`_evaluate` and writes ``last.pt`` / ``best.pt`` and a line of
-``metrics.jsonl``. Under ``torchrun`` each rank takes its share of every global batch (DDP); only rank 0 writes.
+Read top to bottom: :func:`train` holds the run folder's lock while ``_train`` checks the recipe and the resumed
+checkpoint (``_start``), loads the data (``_datasets``), builds the model, optimizer and sampler (``_set_up``),
+restores a checkpoint's states into them (``_restore``) and opens the run folder; then each epoch (``_run_epoch``)
+runs :func:`_train_epoch` and :func:`_evaluate` and writes ``last.pt`` / ``best.pt`` and a line of ``metrics.jsonl``.
+Under ``torchrun`` each rank takes its share of every global batch (DDP); only rank 0 writes.
 
 Determinism: the sampler's stream is a function of ``(seed, epoch)``; each training image's augmentation is seeded
 from ``(seed, epoch, position in the stream)`` and the global RNG is reseeded from ``(seed, epoch, step, rank)``
@@ -193,21 +195,49 @@ def _interrupted(out: Path, run: RunState | None) -> str:
 def _train(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None, tensorboard: bool, progress: bool,
            env: Env, live: list[RunState]) -> Path:
     """:func:`train` on this rank: set up (or restore) a :class:`RunState`, then train, evaluate and save per epoch."""
+    recipe, start = _start(recipe, out, resume, env)
+    micro = _micro_batch(recipe, env)
+    train_set, val_set, steps_per_epoch = _datasets(recipe, env)
+    run = _set_up(recipe, env, out, train_set, steps_per_epoch, start)
+    start_epoch, epoch_step, totals = _restore(run, start)
+    live.append(run)
+    loader, val_loader = _loaders(run, train_set, val_set, micro)
+    writer = _open_run_folder(run, start, tensorboard, micro) if env.is_main else None
+    for epoch in range(start_epoch, recipe.epochs):
+        _run_epoch(run, loader, val_loader, epoch, epoch_step, totals, progress, writer)
+        epoch_step, totals = 0, torch.zeros(3, dtype=torch.float64)
+    if writer is not None:
+        writer.close()
+    if start_epoch >= recipe.epochs:
+        log.info("nothing to do: %s has finished its %d epochs (pass --epochs N to train on)", out, recipe.epochs)
+    return out
+
+
+def _start(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None,
+           env: Env) -> tuple[Recipe, ResumePoint]:
+    """The resolved recipe and the checkpoint the run continues (if any), checked before any data is read."""
     recipe = _device_notes(recipe.resolved(), env)
     if env.is_main:
         remove_stale_temps(out)  # under the lock: no live writer's
     start = resolve_resume(resume, out)
     if start.state is not None:
         check_resume_changes(start.state["config"], recipe, start.path)  # before config.json is rewritten
+    return recipe, start
+
+
+def _micro_batch(recipe: Recipe, env: Env) -> int:
+    """Images per forward on each rank: the global batch split over the ranks and the accumulation steps."""
     micro_batches = env.world_size * recipe.accum_steps
     if recipe.batch_size % micro_batches:
         raise TrainError(
             f"global batch {recipe.batch_size} does not split into {env.world_size} ranks x {recipe.accum_steps} "
             f"accumulation steps: pass a --batch-size divisible by {micro_batches}"
         )
-    micro = recipe.batch_size // micro_batches
+    return recipe.batch_size // micro_batches
 
-    # Data: the training stream is num_samples // batch_size whole global batches.
+
+def _datasets(recipe: Recipe, env: Env) -> tuple[Any, Any, int]:
+    """``(train_set, val_set, steps_per_epoch)``: the training stream is num_samples // batch_size whole batches."""
     common = dict(input_size=recipe.input_size, resize=recipe.resize, mean=recipe.mean)
     train_set = build_dataset(recipe.data, "train", min_scale=recipe.min_scale, flip=recipe.flip, **common)
     val_set = build_dataset(recipe.data, "val", **common)
@@ -219,95 +249,115 @@ def _train(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None, t
     if steps_per_epoch == 0:
         raise TrainError(f"an epoch of {recipe.num_samples or len(train_set)} images is less than one batch of "
                          f"{recipe.batch_size}: lower --batch-size or raise --num-samples")
+    return train_set, val_set, steps_per_epoch
 
-    # Model: identical initial weights on every rank (DDP also broadcasts rank 0's), or the checkpoint's.
+
+def _set_up(recipe: Recipe, env: Env, out: Path, train_set: Any, steps_per_epoch: int,
+            start: ResumePoint) -> RunState:
+    """The model (the checkpoint's weights on resume), the paper's SGD with step decay, and this rank's sampler.
+
+    Every rank builds identical initial weights (DDP also broadcasts rank 0's) and draws its share of the stream.
+    """
     torch.manual_seed(recipe.seed)
     raw, model_config = build_training_model(recipe, list(train_set.classes))
     if start.state is not None:
         check_same_model(start.state["model_config"], model_config, start.path)
         raw.load_state_dict(start.state["model"])
     raw, model = _wrap(raw, recipe, env)
-
-    # Optimizer, schedule and sampler: the paper's SGD with step decay, each rank drawing its share of the stream.
     optimizer = torch.optim.SGD(
         raw.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
-    cls = ClassAwareSampler if recipe.class_aware else ShuffleSampler
-    sampler = cls(
+    sampler_class = ClassAwareSampler if recipe.class_aware else ShuffleSampler
+    sampler = sampler_class(
         train_set.targets if recipe.class_aware else len(train_set),
         num_replicas=env.world_size, rank=env.rank, seed=recipe.seed, num_samples=steps_per_epoch * recipe.batch_size,
     )
-    run = RunState(recipe, env, out, model, raw, model_config, optimizer, scheduler, sampler, steps_per_epoch)
+    return RunState(recipe, env, out, model, raw, model_config, optimizer, scheduler, sampler, steps_per_epoch)
+
+
+def _restore(run: RunState, start: ResumePoint) -> tuple[int, int, torch.Tensor]:
+    """Put the resumed checkpoint's optimizer, schedule and progress into ``run``; return where training goes on.
+
+    Returns ``(epoch, epoch_step, totals)``: ``(0, 0, zeros)`` for a fresh run, else the checkpoint's position and
+    the interrupted epoch's partial ``[loss_sum, correct, seen]``.
+    """
     start_epoch, epoch_step, totals = 0, 0, torch.zeros(3, dtype=torch.float64)
     if start.state is not None:
         state = start.state
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        apply_schedule_changes(state["config"], recipe, optimizer, scheduler, state["epoch"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        apply_schedule_changes(state["config"], run.recipe, run.optimizer, run.scheduler, state["epoch"])
         start_epoch, epoch_step, run.best, run.metrics = (state["epoch"], state["epoch_step"], state["best_top1"],
                                                           state.get("metrics"))
-        if env.is_main:  # rank 0 carries the interrupted epoch's partial sums; the all-reduce adds the others' zeros
+        if run.env.is_main:  # rank 0 carries the interrupted epoch's partial sums; the all-reduce adds others' zeros
             totals = state["progress"].double()
         log.info("resumed %s at epoch %d, step %d", start.path, start_epoch, epoch_step)
-        if start.path.resolve() == (out / "last.pt").resolve():
+        if start.path.resolve() == (run.out / "last.pt").resolve():
             run.saved = (start_epoch, epoch_step)
     run.position = (start_epoch, epoch_step)
-    live.append(run)
+    return start_epoch, epoch_step, totals
 
+
+def _loaders(run: RunState, train_set: Any, val_set: Any, micro: int) -> tuple[DataLoader, DataLoader]:
+    """The seeded training loader over this rank's draws, and this rank's exact shard of the val images."""
+    recipe, env = run.recipe, run.env
     cuda = env.device.type == "cuda"
     loader = DataLoader(
-        SeededDataset(train_set), batch_size=micro, sampler=SeededDraws(sampler), num_workers=recipe.workers,
+        SeededDataset(train_set), batch_size=micro, sampler=SeededDraws(run.sampler), num_workers=recipe.workers,
         pin_memory=cuda, persistent_workers=recipe.workers > 0, drop_last=False,
     )
-    chosen, n = range(len(val_set)), recipe.val_samples
-    if n and n < len(val_set):
-        chosen = sorted({round(i * (len(val_set) - 1) / max(n - 1, 1)) for i in range(n)})
+    val_indices, wanted = range(len(val_set)), recipe.val_samples
+    if wanted and wanted < len(val_set):  # evenly spaced
+        val_indices = sorted({round(i * (len(val_set) - 1) / max(wanted - 1, 1)) for i in range(wanted)})
     val_loader = DataLoader(
-        Subset(val_set, chosen[env.rank :: env.world_size]),  # exact shards, no padding
+        Subset(val_set, val_indices[env.rank :: env.world_size]),  # exact shards, no padding
         batch_size=recipe.eval_batch_size or micro, num_workers=recipe.workers, pin_memory=cuda,
     )
-    writer = None
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-        writer = MetricsWriter(out, tensorboard=tensorboard, keep_until=start_epoch if start.state else None)
-        if run.metrics:
-            writer.write(run.metrics)  # the checkpoint's epoch, if its line was lost in a crash
-        log.info(
-            "training %s%s on %s: %d classes, %d epochs x %d steps of %d images (%d rank(s) x %d x %d accum), lr %g",
-            "SE-" if recipe.se else "", recipe.arch, recipe.data, model_config["num_classes"], recipe.epochs,
-            steps_per_epoch, recipe.batch_size, env.world_size, micro, recipe.accum_steps, recipe.lr,
-        )
+    return loader, val_loader
 
-    for epoch in range(start_epoch, recipe.epochs):
-        sampler.set_epoch(epoch)
-        sampler.position = epoch_step * recipe.batch_size
-        started, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-        totals, images = _train_epoch(run, loader, epoch, epoch_step, totals, progress)
-        train_seconds = time.perf_counter() - started
-        scheduler.step()
-        broadcast_buffers(raw, env)
-        val = _evaluate(raw, val_loader, env, recipe)
-        crc = check_replicas_in_sync(raw, env)
-        loss_sum, correct, seen = totals.tolist()
-        run.metrics = {
-            "epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen, **val,
-            "images_per_s": images / train_seconds, "seconds": time.perf_counter() - started,
-            "world_size": env.world_size, "weights_crc32": crc,
-        }
-        is_best, run.best = val["val_top1"] > run.best, max(run.best, val["val_top1"])
-        epoch_step, totals = 0, torch.zeros(3, dtype=torch.float64)
-        # best.pt first: once last.pt says the epoch is done, its best.pt is on disk
-        run.save(("best.pt", "last.pt") if is_best else ("last.pt",), epoch + 1, epoch_step, totals)
-        if writer is not None:
-            writer.write(run.metrics)
-            log.info("epoch %d/%d: %s", epoch + 1, recipe.epochs, _fmt(run.metrics))
+
+def _open_run_folder(run: RunState, start: ResumePoint, tensorboard: bool, micro: int) -> MetricsWriter:
+    """Rank 0: write ``config.json``, open ``metrics.jsonl`` (cut back to the resumed epoch) and log what will run."""
+    recipe, out = run.recipe, run.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    writer = MetricsWriter(out, tensorboard=tensorboard, keep_until=start.state["epoch"] if start.state else None)
+    if run.metrics:
+        writer.write(run.metrics)  # the checkpoint's epoch, if its line was lost in a crash
+    log.info(
+        "training %s%s on %s: %d classes, %d epochs x %d steps of %d images (%d rank(s) x %d x %d accum), lr %g",
+        "SE-" if recipe.se else "", recipe.arch, recipe.data, run.model_config["num_classes"], recipe.epochs,
+        run.steps_per_epoch, recipe.batch_size, run.env.world_size, micro, recipe.accum_steps, recipe.lr,
+    )
+    return writer
+
+
+def _run_epoch(run: RunState, loader: DataLoader, val_loader: DataLoader, epoch: int, epoch_step: int,
+               totals: torch.Tensor, progress: bool, writer: MetricsWriter | None) -> None:
+    """Train ``epoch`` from ``epoch_step`` on, evaluate, save ``last.pt`` (and ``best.pt``) and write its metrics."""
+    recipe, env, raw = run.recipe, run.env, run.raw
+    run.sampler.set_epoch(epoch)
+    run.sampler.position = epoch_step * recipe.batch_size
+    started, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
+    totals, images = _train_epoch(run, loader, epoch, epoch_step, totals, progress)
+    train_seconds = time.perf_counter() - started
+    run.scheduler.step()
+    broadcast_buffers(raw, env)
+    val = _evaluate(raw, val_loader, env, recipe)
+    crc = check_replicas_in_sync(raw, env)
+    loss_sum, correct, seen = totals.tolist()
+    run.metrics = {
+        "epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen, **val,
+        "images_per_s": images / train_seconds, "seconds": time.perf_counter() - started,
+        "world_size": env.world_size, "weights_crc32": crc,
+    }
+    is_best, run.best = val["val_top1"] > run.best, max(run.best, val["val_top1"])
+    # best.pt first: once last.pt says the epoch is done, its best.pt is on disk
+    run.save(("best.pt", "last.pt") if is_best else ("last.pt",), epoch + 1, 0, torch.zeros(3, dtype=torch.float64))
     if writer is not None:
-        writer.close()
-    if start_epoch >= recipe.epochs:
-        log.info("nothing to do: %s has finished its %d epochs (pass --epochs N to train on)", out, recipe.epochs)
-    return out
+        writer.write(run.metrics)
+        log.info("epoch %d/%d: %s", epoch + 1, recipe.epochs, _format_metrics(run.metrics))
 
 
 def _wrap(model: nn.Module, recipe: Recipe, env: Env) -> tuple[nn.Module, nn.Module]:
@@ -347,35 +397,16 @@ def _train_epoch(run: RunState, loader: DataLoader, epoch: int, epoch_step: int,
                disable=not (progress and env.is_main), dynamic_ncols=True, leave=False)
     started, images, step, micro_index = time.perf_counter(), 0, epoch_step, 0
     run.position = (epoch, step)
-    for images_batch, target in _plain_errors(loader):
-        images_batch = images_batch.to(env.device, non_blocking=True)
-        target = target.to(env.device, non_blocking=True)
-        if recipe.channels_last:
-            images_batch = images_batch.contiguous(memory_format=torch.channels_last)
-        step_seed = seed_of(recipe.seed, epoch, step, micro_index, env.rank)  # dropout & co.
-        if env.device.type == "cuda":
-            torch.manual_seed(step_seed)
-        else:  # the CPU generator alone: see SeededDataset (no CUDA seed queued with a stack trace per call)
-            torch.default_generator.manual_seed(step_seed)
+    for batch, target in _plain_errors(loader):
+        batch, target = _to_device(batch, target, env, recipe)
+        _seed_micro_step(run, epoch, step, micro_index)
         last_micro = micro_index == accum - 1
         with contextlib.nullcontext() if last_micro or env.world_size == 1 else model.no_sync():
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=recipe.amp):
-                logits = model(images_batch)
+                logits = model(batch)
             loss = nn.functional.cross_entropy(logits.float(), target)
             (loss / accum).backward()
-        # one host sync per step: every rank's loss (for the NaN check all ranks agree on) and correct count together;
-        # one small all-reduce under DDP, none on a single process
-        rows = per_rank(torch.stack([loss.detach().double(), topk_correct(logits.detach(), target, (1,))[0]]), env)
-        rows = rows.tolist()
-        bad = [rank for rank, (value, _) in enumerate(rows) if not math.isfinite(value)]
-        if bad:
-            bar.close()
-            where = f" on rank {', '.join(map(str, bad))}" if env.world_size > 1 else ""
-            raise TrainError(
-                f"the loss became {rows[bad[0]][0]}{where} at step {epoch * steps + step + 1} (epoch {epoch + 1}); "
-                f"{'nothing saved since; ' if run.saved else ''}{run.last_good()}: lower --lr and {_go_on(run.saved)}"
-            )
-        value, correct = rows[env.rank]
+        value, correct = _check_loss(run, loss, logits, target, bar, epoch, step)
         local += torch.tensor([value * len(target), correct, len(target)], dtype=torch.float64)
         images += len(target) * env.world_size
         micro_index += 1
@@ -396,15 +427,58 @@ def _train_epoch(run: RunState, loader: DataLoader, epoch: int, epoch_step: int,
     return totals + all_sum(local, env), images
 
 
+def _to_device(images: torch.Tensor, target: torch.Tensor, env: Env,
+               recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on this rank's device, in the model's memory format."""
+    images = images.to(env.device, non_blocking=True)
+    target = target.to(env.device, non_blocking=True)
+    if recipe.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, target
+
+
+def _seed_micro_step(run: RunState, epoch: int, step: int, micro_index: int) -> None:
+    """Reseed the global RNG (dropout & co.) from ``(seed, epoch, step, micro-batch, rank)``."""
+    step_seed = seed_of(run.recipe.seed, epoch, step, micro_index, run.env.rank)
+    if run.env.device.type == "cuda":
+        torch.manual_seed(step_seed)
+    else:  # the CPU generator alone: see SeededDataset (no CUDA seed queued with a stack trace per call)
+        torch.default_generator.manual_seed(step_seed)
+
+
+def _check_loss(run: RunState, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, bar: tqdm,
+                epoch: int, step: int) -> tuple[float, float]:
+    """This rank's ``(loss, correct)`` of a micro-batch, once every rank's loss is known to be finite.
+
+    One host sync per step: every rank's loss (for the NaN check all ranks agree on) and correct count together;
+    one small all-reduce under DDP, none on a single process.
+
+    Raises:
+        TrainError: some rank's loss is NaN or inf (on every rank alike), naming the step and the last good checkpoint.
+    """
+    env = run.env
+    rows = per_rank(torch.stack([loss.detach().double(), topk_correct(logits.detach(), target, (1,))[0]]), env)
+    rows = rows.tolist()
+    bad = [rank for rank, (value, _) in enumerate(rows) if not math.isfinite(value)]
+    if bad:
+        bar.close()
+        where = f" on rank {', '.join(map(str, bad))}" if env.world_size > 1 else ""
+        raise TrainError(
+            f"the loss became {rows[bad[0]][0]}{where} at step {epoch * run.steps_per_epoch + step + 1} (epoch "
+            f"{epoch + 1}); {'nothing saved since; ' if run.saved else ''}{run.last_good()}: lower --lr and "
+            f"{_go_on(run.saved)}"
+        )
+    value, correct = rows[env.rank]
+    return value, correct
+
+
 @torch.no_grad()
 def _evaluate(model: nn.Module, loader: DataLoader, env: Env, recipe: Recipe) -> dict[str, float]:
     """Loss, top-1 and top-5 over the whole validation set: each rank its own shard, then exact sums."""
     sums = torch.zeros(4, dtype=torch.float64)  # loss_sum, top1, top5, n
     with eval_mode(model):
         for images, target in _plain_errors(loader):
-            images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
-            if recipe.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images, target = _to_device(images, target, env, recipe)
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=recipe.amp):
                 logits = model(images).float()
             loss = nn.functional.cross_entropy(logits, target, reduction="sum")
@@ -422,7 +496,7 @@ def _plain_errors(loader: DataLoader):
         raise unwrap_worker_error(error) from None
 
 
-def _fmt(metrics: dict[str, Any]) -> str:
+def _format_metrics(metrics: dict[str, Any]) -> str:
     keys = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s", "seconds")
     return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys)
 

@@ -1,10 +1,9 @@
 """Build a (SE-)model from a plain-data ``model_config``: the same call makes it for training and rebuilds it later.
 
 A ``model_config`` is JSON-able and holds everything needed: ``arch`` (a ``torchvision.models.get_model`` name or
-``timm:<name>``), ``arch_kwargs``, ``surgery`` (``{"reduction", "init", "owners"}`` plus ``where`` and any of
-``position``, ``squeeze``, ``excitation``, ``bias`` that differ from the standard SE; ``owners`` being the exact owner
-names of the blocks that got an SE; ``None`` for the plain model), ``num_classes``, ``class_names``, and the data settings ``data``, ``input_size``, ``resize``
-and ``mean`` that the evaluation transform needs.
+``timm:<name>``), ``arch_kwargs``, ``surgery`` (see :func:`surgery_dict`; ``None`` for the plain model),
+``num_classes``, ``class_names``, and the data settings ``data``, ``input_size``, ``resize`` and ``mean`` that the
+evaluation transform needs.
 """
 
 from __future__ import annotations
@@ -18,17 +17,25 @@ import torch
 from torch import nn
 
 from ..errors import TrainError
-from ..surgery import add_se, se_blocks
+from ..surgery import SEConfig, add_se, se_blocks
 from ..surgery.naming import owner_of
 
-__all__ = ["SURGERY_DEFAULTS", "accepted_kwargs", "build_model", "build_training_model", "make_model_config",
-           "surgery_config"]
+__all__ = ["TIMM_PREFIX", "split_arch", "accepted_kwargs", "build_model", "build_training_model", "make_model_config",
+           "se_config_of", "surgery_config", "surgery_dict"]
 
 log = logging.getLogger(__name__)
-_TIMM = "timm:"
+TIMM_PREFIX = "timm:"
+"""An ``arch`` that starts with it names a timm model (``timm:legacy_seresnet50``); any other, a torchvision one."""
 _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
-SURGERY_DEFAULTS = {"position": "standard", "squeeze": "avg", "excitation": "sigmoid", "bias": True}
-"""add_se's keyword arguments for the paper's SE variants (Tables 11, 12, 14-16) and their standard values."""
+_SURGERY_PLACES = ("where", "owners")  # the keys of a model_config's surgery that say where, not what SE
+
+
+def split_arch(arch: str) -> tuple[str, str]:
+    """``(source, name)`` of an ``--arch``: ``"timm:resnet50"`` -> ``("timm", "resnet50")``, ``"resnet50"`` ->
+    ``("torchvision", "resnet50")``."""
+    if arch.startswith(TIMM_PREFIX):
+        return "timm", arch[len(TIMM_PREFIX) :]
+    return "torchvision", arch
 
 
 def _base(arch: str, kwargs: dict[str, Any], num_classes: int, pretrained: bool) -> nn.Module:
@@ -64,13 +71,14 @@ def accepted_kwargs(arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _create(arch: str, kwargs: dict[str, Any], num_classes: int, pretrained: bool) -> nn.Module:
-    if arch.startswith(_TIMM):
+    source, name = split_arch(arch)
+    if source == "timm":
         try:
             import timm
         except ImportError:
             raise TrainError(f"arch {arch!r} needs timm: pip install timm, or pick a torchvision arch") from None
         try:
-            return timm.create_model(arch[len(_TIMM) :], pretrained=pretrained, num_classes=num_classes, **kwargs)
+            return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
         except RuntimeError as e:  # timm's "Unknown model"
             raise TrainError(f"{e}: pick a name from timm.list_models()") from None
     from torchvision.models import get_model, list_models
@@ -106,20 +114,11 @@ def build_model(config: dict[str, Any], *, pretrained: bool = False) -> nn.Modul
         ) from None
     surgery = config.get("surgery")
     if surgery:
-        owners = surgery.get("owners")
-        where = surgery.get("where")
+        owners, where = surgery.get("owners"), surgery.get("where")
         wanted = set(owners).__contains__ if owners is not None else _where(where) if where else None
-        variant = {k: surgery[k] for k, default in SURGERY_DEFAULTS.items() if surgery.get(k, default) != default}
         size = config.get("input_size", 224)
-        model = add_se(
-            model,
-            surgery["reduction"],
-            where=wanted,
-            init=surgery["init"],
-            example_input=torch.zeros(2, 3, size, size),
-            inplace=True,
-            **variant,  # only what differs from the standard SE, so configs of either add_se version build
-        )
+        model = add_se(model, where=wanted, example_input=torch.zeros(2, 3, size, size), inplace=True,
+                       **se_config_of(surgery).to_dict())
     return model
 
 
@@ -128,15 +127,35 @@ def _where(items: list) -> list:
     return [int(w) if str(w).isdigit() else w for w in items]
 
 
+def se_config_of(surgery: dict[str, Any]) -> SEConfig:
+    """The SE a ``model_config``'s ``surgery`` describes, for every version's: an option it lacks has its default.
+
+    Raises:
+        SurgeryError: an option this version does not know, or a value it does not allow.
+    """
+    return SEConfig.from_dict({k: v for k, v in surgery.items() if k not in _SURGERY_PLACES})
+
+
+def surgery_dict(config: SEConfig, where: list | None = None, owners: list[str] | None = None) -> dict[str, Any]:
+    """A ``model_config``'s ``surgery``: ``reduction`` and ``init``, the options that differ from the paper's SE
+    (:meth:`SEConfig.to_dict` ``changed_only``), ``where`` if given, and ``owners``, the exact owner names of the
+    blocks that got an SE (``None``: every residual block).
+
+    ``reduction`` and ``init`` are always there, as in the configs written before the other options existed, so the
+    standard SE's config stays ``{"reduction": 16, "init": "he", "owners": [...]}`` and older runs still resume.
+    """
+    changed = config.to_dict(changed_only=True)
+    return {"reduction": config.reduction, "init": config.init, **changed, **({"where": where} if where else {}),
+            "owners": owners}
+
+
 def surgery_config(recipe: Any) -> dict[str, Any] | None:
     """The ``surgery`` part of a ``model_config`` from a recipe (``None`` for ``--no-se``), before the owners are known."""
     if not recipe.se:
         return None
-    variant = {"position": recipe.position, "squeeze": recipe.squeeze, "excitation": recipe.excitation,
-               "bias": recipe.se_bias}
-    # the standard SE's config stays {"reduction", "init"} as before the variants, so older runs still resume
-    return {"reduction": recipe.reduction, "init": recipe.se_init, **({"where": recipe.where} if recipe.where else {}),
-            **{k: v for k, v in variant.items() if v != SURGERY_DEFAULTS[k]}}
+    surgery = surgery_dict(recipe.se_config(), recipe.where)
+    del surgery["owners"]
+    return surgery
 
 
 def make_model_config(recipe: Any, class_names: list[str], owners: list[str] | None = None) -> dict[str, Any]:
@@ -148,7 +167,7 @@ def make_model_config(recipe: Any, class_names: list[str], owners: list[str] | N
     return {
         "arch": recipe.arch,
         "arch_kwargs": dict(recipe.arch_kwargs),
-        "surgery": {**surgery_config(recipe), "owners": owners} if recipe.se else None,
+        "surgery": surgery_dict(recipe.se_config(), recipe.where, owners) if recipe.se else None,
         "num_classes": len(class_names),
         "class_names": list(class_names),
         "data": recipe.data,

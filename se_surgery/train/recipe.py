@@ -8,22 +8,31 @@ run folder's ``config.json`` and in every checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import TrainError
+from ..errors import SurgeryError, TrainError
+from ..surgery import SEConfig
 from .data import DIGITS, default_mean
 
-__all__ = ["Recipe", "RECIPES", "get_recipe", "flag_of"]
+__all__ = ["Recipe", "RECIPES", "SE_FIELDS", "get_recipe", "flag_of", "given_flags", "recipe_from_flags"]
 
 log = logging.getLogger(__name__)
 
+SE_FIELDS = {"reduction": "reduction", "se_init": "init", "position": "position", "squeeze": "squeeze",
+             "excitation": "excitation", "se_bias": "bias"}
+"""Recipe field -> the :class:`~se_surgery.SEConfig` option it sets (the recipe's names are its flags')."""
+_SE_DEFAULTS, _SE_CHOICES = SEConfig.defaults(), SEConfig.choices()
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+
+def _flag(default: Any, help: str, **kw: Any) -> Any:
+    """A recipe field and its flag: ``help`` and the other ``kw`` go to ``add_argument`` (``flag=`` names the flag)."""
     factory = {"default_factory": lambda: type(default)(default)} if isinstance(default, (dict, list)) else {}
     return field(**(factory or {"default": default}), metadata={"help": help, **kw})
 
@@ -33,58 +42,61 @@ class Recipe:
     """Everything a training run needs; the defaults are the paper's ImageNet recipe (``--recipe paper``)."""
 
     # --- what to train -----------------------------------------------------------------------------------------
-    data: str = _f(DIGITS, "'digits' (embedded, no download) or a folder with train/<class>/* and val/<class>/*")
-    arch: str = _f("resnet50", "torchvision.models.get_model name, or timm:<name> (SE-ResNet-50 is the paper's model)")
-    arch_kwargs: dict = _f({}, "extra keyword arguments for the architecture, as a JSON object (a recipe's own are "
-                           "dropped, with a note, for an --arch that does not take them)", metavar="JSON")
-    se: bool = _f(True, "add SE blocks with se_surgery.add_se (--no-se trains the plain baseline)")
-    reduction: int = _f(16, "SE reduction ratio r; the paper's default, ablated over 2..32 (Table 10)")
-    se_init: str = _f("he", "SE weight init: he (the paper's, from scratch) or identity (gates start at 1)",
-                      choices=("he", "identity"))
-    position: str = _f("standard", "where the SE sits in each residual block: standard (on the branch, Fig. 5b), pre, "
-                       "post, identity (Table 14) or 3x3 (after the branch's spatial conv, Table 15)",
-                       choices=("standard", "pre", "post", "identity", "3x3"))
-    squeeze: str = _f("avg", "squeeze: avg (global average pooling), max (Table 11) or none (NoSqueeze, Table 16)",
-                      choices=("avg", "max", "none"))
-    excitation: str = _f("sigmoid", "excitation gate: sigmoid, tanh or relu (Table 12)",
-                         choices=("sigmoid", "tanh", "relu"))
-    se_bias: bool = _f(True, "biases in the SE's two FC layers (the released models); the paper's ablation runs "
-                       "(Tables 10-16) use none: --no-bias", flag="--bias")
-    where: list | None = _f(None, "SE only in these blocks: paper stages (--where 4, Table 13), owner prefixes "
-                            "(layer3) or paper names (SE_5_2); default: every residual block", nargs="+", type=str,
-                            metavar="STAGE|BLOCK")
-    pretrained: bool = _f(False, "start from torchvision's/timm's pretrained weights (downloads them)")
+    data: str = _flag(DIGITS, "'digits' (embedded, no download) or a folder with train/<class>/* and val/<class>/*")
+    arch: str = _flag("resnet50", "torchvision.models.get_model name, or timm:<name> (SE-ResNet-50 is the paper's "
+                      "model)")
+    arch_kwargs: dict = _flag({}, "extra keyword arguments for the architecture, as a JSON object (a recipe's own are "
+                              "dropped, with a note, for an --arch that does not take them)", metavar="JSON")
+    se: bool = _flag(True, "add SE blocks with se_surgery.add_se (--no-se trains the plain baseline)")
+    reduction: int = _flag(_SE_DEFAULTS["reduction"], "SE reduction ratio r; the paper's default, ablated over 2..32 "
+                           "(Table 10)")
+    se_init: str = _flag(_SE_DEFAULTS["init"], "SE weight init: he (the paper's, from scratch) or identity (gates "
+                         "start at 1)", choices=_SE_CHOICES["init"])
+    position: str = _flag(_SE_DEFAULTS["position"], "where the SE sits in each residual block: standard (on the "
+                          "branch, Fig. 5b), pre, post, identity (Table 14) or 3x3 (after the branch's spatial conv, "
+                          "Table 15)", choices=_SE_CHOICES["position"])
+    squeeze: str = _flag(_SE_DEFAULTS["squeeze"], "squeeze: avg (global average pooling), max (Table 11) or none "
+                         "(NoSqueeze, Table 16)", choices=_SE_CHOICES["squeeze"])
+    excitation: str = _flag(_SE_DEFAULTS["excitation"], "excitation gate: sigmoid, tanh or relu (Table 12)",
+                            choices=_SE_CHOICES["excitation"])
+    se_bias: bool = _flag(_SE_DEFAULTS["bias"], "biases in the SE's two FC layers (the released models); the "
+                          "paper's ablation runs (Tables 10-16) use none: --no-bias", flag="--bias")
+    where: list | None = _flag(None, "SE only in these blocks: paper stages (--where 4, Table 13), owner prefixes "
+                               "(layer3) or paper names (SE_5_2); default: every residual block", nargs="+", type=str,
+                               metavar="STAGE|BLOCK")
+    pretrained: bool = _flag(False, "start from torchvision's/timm's pretrained weights (downloads them)")
     # --- optimisation: "synchronous SGD with momentum 0.9 and a minibatch size of 1024" ---------------------------
-    epochs: int = _f(100, "epochs; the paper trains 100 from scratch")
-    batch_size: int = _f(1024, "global batch over all ranks and accumulation steps (paper: 1024)")
-    lr: float | None = _f(None, "initial learning rate; default 0.6 x batch_size / 1024 (paper: 0.6 at 1024)")
-    momentum: float = _f(0.9, "SGD momentum (paper: 0.9)")
-    weight_decay: float = _f(1e-4, "L2 weight decay (1e-4, the ResNet value the SENet recipe keeps)")
-    lr_step: int = _f(30, "divide the learning rate by 1/lr_gamma every lr_step epochs (paper: 10x every 30)")
-    lr_gamma: float = _f(0.1, "learning-rate factor at each step")
-    accum_steps: int = _f(1, "gradient accumulation steps, so a 1024 batch fits on fewer GPUs")
+    epochs: int = _flag(100, "epochs; the paper trains 100 from scratch")
+    batch_size: int = _flag(1024, "global batch over all ranks and accumulation steps (paper: 1024)")
+    lr: float | None = _flag(None, "initial learning rate; default 0.6 x batch_size / 1024 (paper: 0.6 at 1024)")
+    momentum: float = _flag(0.9, "SGD momentum (paper: 0.9)")
+    weight_decay: float = _flag(1e-4, "L2 weight decay (1e-4, the ResNet value the SENet recipe keeps)")
+    lr_step: int = _flag(30, "divide the learning rate by 1/lr_gamma every lr_step epochs (paper: 10x every 30)")
+    lr_gamma: float = _flag(0.1, "learning-rate factor at each step")
+    accum_steps: int = _flag(1, "gradient accumulation steps, so a 1024 batch fits on fewer GPUs")
     # --- data: "random-size cropping to 224x224 pixels and random horizontal flipping", "mean-channel subtraction"
-    input_size: int = _f(224, "training and evaluation crop (paper 224; 299 for the Inception-style setting)",
-                         flag="--crop")
-    resize: int = _f(256, "evaluation: resize the shorter side to this, then centre-crop (paper 256; 352 with 299)")
-    min_scale: float = _f(0.08, "smallest random-size crop area fraction (0.08: Inception's random-size crop)")
-    flip: bool = _f(True, "random horizontal flips during training")
-    mean: list | None = _f(None, "per-channel mean in [0,1] to subtract (no std division); default: ImageNet's, "
-                           "or the digits' own", nargs=3, type=float, metavar=("R", "G", "B"))
-    class_aware: bool = _f(True, "class-aware sampling (Relay Backpropagation), the paper's 'balanced data strategy'")
-    num_samples: int | None = _f(None, "training images per epoch (all ranks); default: the training set's size")
-    val_samples: int | None = _f(None, "evaluate on this many evenly spaced val images (quick checks); default: all")
+    input_size: int = _flag(224, "training and evaluation crop (paper 224; 299 for the Inception-style setting)",
+                            flag="--crop")
+    resize: int = _flag(256, "evaluation: resize the shorter side to this, then centre-crop (paper 256; 352 with 299)")
+    min_scale: float = _flag(0.08, "smallest random-size crop area fraction (0.08: Inception's random-size crop)")
+    flip: bool = _flag(True, "random horizontal flips during training")
+    mean: list | None = _flag(None, "per-channel mean in [0,1] to subtract (no std division); default: ImageNet's, "
+                              "or the digits' own", nargs=3, type=float, metavar=("R", "G", "B"))
+    class_aware: bool = _flag(True, "class-aware sampling (Relay Backpropagation), the paper's 'balanced data "
+                              "strategy'")
+    num_samples: int | None = _flag(None, "training images per epoch (all ranks); default: the training set's size")
+    val_samples: int | None = _flag(None, "evaluate on this many evenly spaced val images (quick checks); default: all")
     # --- machinery ---------------------------------------------------------------------------------------------
-    seed: int = _f(0, "seed for initialisation, sampling and augmentation: the same seed gives the same numbers")
-    workers: int = _f(8, "DataLoader worker processes per rank")
-    eval_batch_size: int | None = _f(None, "evaluation batch per rank; default: the training batch per rank")
-    ckpt_every: int = _f(0, "also write last.pt every N optimizer steps (0: only at the end of each epoch)")
-    amp: bool = _f(False, "bf16 autocast for training and evaluation (on GPUs and on the CPU)")
-    channels_last: bool = _f(False, "channels-last memory format for the model and its inputs (GPUs and CPU)")
-    compile: bool = _f(False, "torch.compile (inductor) the training forward and backward (GPUs and CPU; the first "
-                       "steps then take a while)")
-    sync_bn: bool = _f(False, "synchronised BatchNorm across GPUs under DDP (needs CUDA and 2+ ranks; else ignored, "
-                       "with a note)")
+    seed: int = _flag(0, "seed for initialisation, sampling and augmentation: the same seed gives the same numbers")
+    workers: int = _flag(8, "DataLoader worker processes per rank")
+    eval_batch_size: int | None = _flag(None, "evaluation batch per rank; default: the training batch per rank")
+    ckpt_every: int = _flag(0, "also write last.pt every N optimizer steps (0: only at the end of each epoch)")
+    amp: bool = _flag(False, "bf16 autocast for training and evaluation (on GPUs and on the CPU)")
+    channels_last: bool = _flag(False, "channels-last memory format for the model and its inputs (GPUs and CPU)")
+    compile: bool = _flag(False, "torch.compile (inductor) the training forward and backward (GPUs and CPU; the first "
+                          "steps then take a while)")
+    sync_bn: bool = _flag(False, "synchronised BatchNorm across GPUs under DDP (needs CUDA and 2+ ranks; else ignored, "
+                          "with a note)")
 
     def resolved(self) -> Recipe:
         """A copy with the derived defaults filled in (lr from the batch, mean from the data), checked."""
@@ -128,15 +140,29 @@ class Recipe:
             if not all(0 <= m <= 1 for m in self.mean):
                 raise TrainError(f"--mean {' '.join(map(str, self.mean))}: the mean is in [0, 1] pixel units "
                                  "(not 0..255): pass e.g. --mean 0.485 0.456 0.406")
-        for name, allowed in (("position", ("standard", "pre", "post", "identity", "3x3")),
-                              ("squeeze", ("avg", "max", "none")), ("excitation", ("sigmoid", "tanh", "relu"))):
-            if getattr(self, name) not in allowed:
-                raise TrainError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        if self.se_init not in ("he", "identity"):
-            raise TrainError(f"se_init={self.se_init!r}: use 'he' or 'identity'")
+        self._check_se()
         if not isinstance(self.arch_kwargs, dict):
             raise TrainError(f"--arch-kwargs {self.arch_kwargs!r} must be a JSON object: pass e.g. "
                              "--arch-kwargs '{\"zero_init_residual\": true}' (or '{}')")
+
+    def _check_se(self) -> None:
+        for name, option in SE_FIELDS.items():
+            allowed = _SE_CHOICES.get(option)
+            if allowed and getattr(self, name) not in allowed:
+                raise TrainError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if self.se:
+            try:
+                self.se_config()
+            except SurgeryError as error:
+                raise TrainError(f"the SE flags do not fit together: {error}") from None
+
+    def se_config(self) -> SEConfig:
+        """The SE that ``add_se`` puts in for this recipe (its ``reduction``, ``se_init``, ... fields).
+
+        Raises:
+            SurgeryError: values that no SE takes.
+        """
+        return SEConfig(**{option: getattr(self, name) for name, option in SE_FIELDS.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,7 +199,7 @@ _EXAMPLES = {"epochs": 100, "batch_size": 256, "accum_steps": 1, "input_size": 2
 # The paper's recipe is the dataclass's defaults.
 PAPER = Recipe()
 
-# The same recipe scaled down so that it reaches >= 97% val top-1 on the digits in about a minute on 2 CPU cores.
+# The same recipe scaled down so that a CPU trains it to >= 97% val top-1 on the digits in a few hundred steps.
 DEMO = dataclasses.replace(
     PAPER,
     data=DIGITS,
@@ -184,8 +210,8 @@ DEMO = dataclasses.replace(
     # zero-initialised last BN (Goyal et al.'s zero_init_residual) would make the branch u about 0 early on, so the
     # gates would get almost no gradient (they stay near 0.5 and class-agnostic) and tanh/relu gates, which start
     # at s = 0, would never learn at all; it is also a torchvision ResNet option that other archs do not take.
-    # The 100-epoch schedule compressed to 8 epochs (352 steps, under a minute on 2 CPU cores), /10 for the last 2:
-    # 6 epochs (/10 after 4) can end below 97%; 8 end at 98.6% over seeds 0 and 1, and 10 do no better.
+    # The 100-epoch schedule (Sec. 6) compressed to 8 epochs of 44 steps, /10 for the last 2: fewer epochs can end
+    # below 97%, more do no better.
     epochs=8,
     batch_size=32,  # 44 steps an epoch on the 1,437 training images: SGD needs steps more than big batches here
     lr=0.1,  # above 0.6 x 32/1024: the short schedule needs the faster start
@@ -194,7 +220,7 @@ DEMO = dataclasses.replace(
     resize=32,  # evaluate on the whole 32x32 image (a 256 -> 224 style crop would cut strokes off)
     min_scale=0.8,  # 8% of a digit is a stroke fragment; mild crops keep the digit and the short run fast
     flip=False,  # mirrored digits are other symbols (or no digit at all)
-    workers=0,  # the digits are in memory: worker processes cost more than they save on 2 cores
+    workers=0,  # the digits are in memory: worker processes would cost more than they save
 )
 
 RECIPES: dict[str, Recipe] = {"paper": PAPER, "demo": DEMO}
@@ -227,3 +253,33 @@ def get_recipe(name: str | None = None, data: str = DIGITS, **overrides: Any) ->
                      "set its own)", arch, name, json.dumps(dropped))
             overrides["arch_kwargs"] = kept
     return dataclasses.replace(base, data=data, **overrides)
+
+
+def given_flags(flags: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe fields among ``flags`` (the trainer's parser leaves a recipe flag out of its namespace when it is
+    not given, so these are the ones the command line set)."""
+    values = vars(flags) if isinstance(flags, argparse.Namespace) else dict(flags)
+    names = {f.name for f in dataclasses.fields(Recipe)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def recipe_from_flags(flags: argparse.Namespace | Mapping[str, Any], *, saved: Mapping[str, Any] | None = None,
+                      defaults: Mapping[str, Any] | None = None) -> Recipe:
+    """The recipe the trainer's flags ask for, as ``python -m se_surgery.train`` and the ablation sweep build it.
+
+    Args:
+        flags: The trainer parser's namespace (or a dict like it): its ``recipe`` (the base recipe's name, ``None``
+            for the default) and the recipe fields given.
+        saved: A resumed run's own recipe (its :meth:`Recipe.to_dict`): the given flags go on top of it, not on a
+            named recipe.
+        defaults: Field values for the flags not given, on top of the named recipe (the sweep's own defaults).
+
+    Raises:
+        TrainError: an unknown recipe name or field.
+    """
+    given = given_flags(flags)
+    if saved is not None:
+        return Recipe.from_dict({**saved, **given})
+    name = getattr(flags, "recipe", None) if isinstance(flags, argparse.Namespace) else flags.get("recipe")
+    data = given.pop("data", DIGITS)
+    return get_recipe(name, data, **{**(defaults or {}), **given})

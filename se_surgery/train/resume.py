@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ import torch
 
 from ..errors import TrainError
 from .checkpoint import read_checkpoint
+from .distributed import is_rank_zero
+from .metrics import METRICS_NAME, read_metrics
 from .recipe import Recipe
 from .run_lock import refuse_if_held
 
@@ -58,10 +59,10 @@ def resolve_resume(resume: str | Path | ResumePoint | None, out: Path) -> Resume
     if isinstance(resume, ResumePoint):
         return resume
     out = Path(out)
-    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 holds the lock; the other ranks would see their own job's
+    if is_rank_zero():  # rank 0 holds the lock; the other ranks would see their own job's
         refuse_if_held(out)
     if resume is None:
-        for name in ("config.json", "last.pt", "best.pt", "metrics.jsonl"):
+        for name in ("config.json", "last.pt", "best.pt", METRICS_NAME):
             if (out / name).exists():
                 raise TrainError(
                     f"{out} already holds a run ({name}): pass --resume auto to continue it, or choose another --out"
@@ -74,32 +75,21 @@ def resolve_resume(resume: str | Path | ResumePoint | None, out: Path) -> Resume
     return ResumePoint(path, read_checkpoint(path))
 
 
-def _trained_epochs(metrics: Path) -> int:
-    """How many lines of ``metrics.jsonl`` record a trained epoch (an epoch-0 evaluation is none; garbage counts)."""
-    try:
-        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        return 0
-    n = 0
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        n += not (isinstance(row, dict) and row.get("epoch") == 0)
-    return n
+def _trained_epochs(out: Path) -> int:
+    """How many lines of ``out/metrics.jsonl`` record a trained epoch (an epoch-0 evaluation does not; garbage may)."""
+    return sum(row.get("epoch") != 0 for row in read_metrics(out))
 
 
 def _refuse_results_without_last(out: Path) -> None:
     """``--resume auto`` without ``last.pt``: a fresh start would overwrite ``best.pt`` and the metrics; refuse it."""
-    best, epochs = (out / "best.pt").exists(), _trained_epochs(out / "metrics.jsonl")
+    best, epochs = (out / "best.pt").exists(), _trained_epochs(out)
     if not (best or epochs):
         return
-    held = " and ".join((["best.pt"] if best else []) + ([f"{epochs} epoch(s) in metrics.jsonl"] if epochs else []))
+    results = " and ".join((["best.pt"] if best else []) + ([f"{epochs} epoch(s) in {METRICS_NAME}"] if epochs else []))
     fix = (f"pass --resume {out / 'best.pt'} to continue from the best epoch (the epochs after it are trained again), "
            if best else "")
-    raise TrainError(f"{out} holds {held} but no last.pt, so --resume auto has nothing to continue and a fresh start "
-                     f"would overwrite them: {fix}or pass another --out for a new run")
+    raise TrainError(f"{out} holds {results} but no last.pt, so --resume auto has nothing to continue and a fresh "
+                     f"start would overwrite them: {fix}or pass another --out for a new run")
 
 
 # What a resume may change. True: the flag wins over the checkpoint's recipe. False: the flag would make the rest

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..cli import os_advice
 from ..errors import TrainError
 from .distributed import Env, all_sum
 
@@ -114,12 +115,7 @@ def check_out(out: Path) -> None:
 
 
 def _os_message(out: Path, error: OSError) -> str:
-    reason = error.strerror or str(error)
-    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"cannot write to --out {out} ({reason}): pick a folder you can write to, or fix its permissions"
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"cannot write to --out {out} ({reason}): free some disk space, or pass an --out on another disk"
-    return f"cannot use --out {out} ({reason}): pass an --out that is a writable folder"
+    return f"cannot write to --out {out} ({error.strerror or error}): {os_advice(error)}"
 
 
 class RunLock:
