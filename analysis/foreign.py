@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from analysis.errors import AnalysisError
+from se_surgery.archs import split_arch
 
 __all__ = ["Preprocess", "build_foreign_model", "imagenet_words", "load_weights", "model_transform"]
 
-TIMM = "timm:"
 _WNID = re.compile(r"n\d{8}")
 
 
@@ -111,7 +111,7 @@ def model_transform(name: str, model: nn.Module, overrides: Preprocess = Preproc
     torchvision models: ``get_model_weights(name).DEFAULT.transforms(...)`` (needs no download); a model without
     weights gets ImageNet's 256 -> 224 crop and statistics.
     """
-    if name.startswith(TIMM):
+    if split_arch(name)[0] == "timm":
         from timm.data import create_transform, resolve_data_config
 
         args: dict[str, Any] = {}

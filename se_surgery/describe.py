@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .archs import split_arch
 from .cli import ArgumentParser, run_cli
 from .errors import SurgeryError
 from .modes import eval_mode
@@ -25,7 +26,6 @@ __all__ = ["main"]
 
 PROG = "python -m se_surgery.describe"
 
-_TIMM = "timm:"
 _RESIDUAL_EXAMPLES = "resnet50, resnext50_32x4d, mobilenet_v2, regnet_x_400mf, convnext_tiny or timm:resnet50"
 
 
@@ -35,14 +35,15 @@ def _where(text: str) -> list[int | str]:
 
 
 def _base(arch: str):
-    if arch.startswith(_TIMM):
+    source, name = split_arch(arch)
+    if source == "timm":
         try:
             import timm
         except ImportError:
             raise SurgeryError(f"{arch} needs timm (pip install timm)") from None
-        if arch[len(_TIMM):] not in timm.list_models():
-            raise SurgeryError(f"unknown timm model {arch[len(_TIMM):]!r}: pick a name from timm.list_models()")
-        return lambda: timm.create_model(arch[len(_TIMM):])
+        if name not in timm.list_models():
+            raise SurgeryError(f"unknown timm model {name!r}: pick a name from timm.list_models()")
+        return lambda: timm.create_model(name)
     from torchvision.models import get_model, list_models
 
     if arch not in list_models():
@@ -139,7 +140,8 @@ def _main(argv: list[str] | None) -> None:
         (p0, p1), (g0, g1) = TABLE2[args.arch]["params"], TABLE2[args.arch]["gmacs"]
         print(
             f"\n{'':14}{'ours':>22}{'paper (SENet Table 2)':>26}\n"
-            f"{'params (M)':14}{result.params_base / 1e6:>10.1f} -> {result.params_se / 1e6:<8.1f}{p0:>14.1f} -> {p1:.1f}\n"
+            f"{'params (M)':14}{result.params_base / 1e6:>10.1f} -> {result.params_se / 1e6:<8.1f}"
+            f"{p0:>14.1f} -> {p1:.1f}\n"
             f"{'GMACs':14}{result.macs_base / 1e9:>10.2f} -> {result.macs_se / 1e9:<8.2f}{g0:>14.2f} -> {g1:.2f}\n"
             "Multiply-adds here count convolutions and linear layers (torch's flop counter); the paper's +0.26%\n"
             "also counts the SE's pooling and channel-wise scaling. The base counts differ because torchvision's\n"

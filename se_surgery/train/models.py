@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..archs import TIMM_PREFIX, split_arch
 from ..errors import TrainError
 from ..surgery import SEConfig, add_se, se_blocks
 from ..surgery.naming import owner_of
@@ -24,18 +25,8 @@ __all__ = ["TIMM_PREFIX", "split_arch", "accepted_kwargs", "build_model", "build
            "se_config_of", "surgery_config", "surgery_dict"]
 
 log = logging.getLogger(__name__)
-TIMM_PREFIX = "timm:"
-"""An ``arch`` that starts with it names a timm model (``timm:legacy_seresnet50``); any other, a torchvision one."""
 _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
 _SURGERY_PLACES = ("where", "owners")  # the keys of a model_config's surgery that say where, not what SE
-
-
-def split_arch(arch: str) -> tuple[str, str]:
-    """``(source, name)`` of an ``--arch``: ``"timm:resnet50"`` -> ``("timm", "resnet50")``, ``"resnet50"`` ->
-    ``("torchvision", "resnet50")``."""
-    if arch.startswith(TIMM_PREFIX):
-        return "timm", arch[len(TIMM_PREFIX) :]
-    return "torchvision", arch
 
 
 def _base(arch: str, kwargs: dict[str, Any], num_classes: int, pretrained: bool) -> nn.Module:
@@ -150,7 +141,8 @@ def surgery_dict(config: SEConfig, where: list | None = None, owners: list[str] 
 
 
 def surgery_config(recipe: Any) -> dict[str, Any] | None:
-    """The ``surgery`` part of a ``model_config`` from a recipe (``None`` for ``--no-se``), before the owners are known."""
+    """The ``surgery`` part of a ``model_config`` from a recipe (``None`` for ``--no-se``), before the owners are
+    known."""
     if not recipe.se:
         return None
     surgery = surgery_dict(recipe.se_config(), recipe.where)
