@@ -66,12 +66,16 @@ class SEConfig:
             raise SurgeryError(f"reduction must be an integer >= 1 (the paper's r, default 16); got {self.reduction!r}")
         for name, allowed in self.choices().items():
             if getattr(self, name) not in allowed:
-                raise SurgeryError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {getattr(self, name)!r}")
+                raise SurgeryError(
+                    f"{name} must be one of {', '.join(map(repr, allowed))}; got {getattr(self, name)!r}"
+                )
         for name in ("bias", "fuse"):
             if not isinstance(getattr(self, name), bool):
                 raise SurgeryError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if self.divisor is not None and not positive_int(self.divisor):
-            raise SurgeryError(f"divisor must be None or an integer >= 1 (timm rounds SE widths to 8); got {self.divisor!r}")
+            raise SurgeryError(
+                f"divisor must be None or an integer >= 1 (timm rounds SE widths to 8); got {self.divisor!r}"
+            )
         if self.se_layer is not None and not callable(self.se_layer):
             raise SurgeryError(
                 f"se_layer must be a callable channels -> nn.Module (a class such as timm.layers.EcaModule, or a "
@@ -96,10 +100,9 @@ class SEConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SEConfig:
         """A validated config from plain data (a checkpoint's ``model_config["surgery"]``); unknown keys refused."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(set(values) - set(cls.defaults()))
         if unknown:
-            raise SurgeryError(f"SEConfig has no option(s) {unknown}; its options are {sorted(names)}")
+            raise SurgeryError(f"SEConfig has no option(s) {unknown}; its options are {', '.join(cls.defaults())}")
         return cls(**values)
 
     def to_dict(self, *, changed_only: bool = False) -> dict[str, Any]:

@@ -8,16 +8,17 @@ state_dict key; the SE parameters are the only new keys.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from .config import SEConfig, SELayerFactory
+from .config import SELayerFactory
 from .inputs import check_model
-from .plan import WROTE_INTO, Plan, Unit, Where, plan
+from .plan import WROTE_INTO, Plan, Unit, plan
 from .residual import Residual
 from .se_module import SELayer, check_shape_kept
 from .subclass import install_forward
@@ -27,19 +28,7 @@ __all__ = ["add_se", "apply_plan"]
 logger = logging.getLogger(__name__)
 
 
-def add_se(
-    model: nn.Module,
-    reduction: int | None = None,
-    *,
-    config: SEConfig | None = None,
-    where: Where = None,
-    leaf_modules: Sequence[str | type] = (),
-    autowrap_functions: Sequence[Callable] = (),
-    example_input: torch.Tensor | None = None,
-    inplace: bool = False,
-    strict: bool = False,
-    **options: Any,
-) -> nn.Module:
+def add_se(model: nn.Module, reduction: int | None = None, *, inplace: bool = False, **arguments: Any) -> nn.Module:
     """Put an SE block at every residual sum of ``model``; by default SENet's "standard SE" on the branch.
 
     Each residual sum ``x + F(x)`` becomes ``x + SE(F(x))`` (for the default position), the SE being
@@ -90,9 +79,19 @@ def add_se(
     check_model(model, "add_se")
     if not isinstance(inplace, bool):
         raise SurgeryError(f"inplace must be True or False; got {inplace!r}")
-    chosen = plan(model, reduction, config=config, where=where, leaf_modules=leaf_modules,
-                  autowrap_functions=autowrap_functions, example_input=example_input, strict=strict, **options)
-    return apply_plan(chosen, inplace=inplace)
+    return apply_plan(plan(model, reduction, **arguments), inplace=inplace)
+
+
+def _signature() -> inspect.Signature:
+    """add_se's signature as help() and editors show it: :func:`~.plan.plan`'s, with ``inplace`` before its
+    ``**options`` (the arguments are written once, in plan)."""
+    parameters = list(inspect.signature(plan).parameters.values())
+    inplace = inspect.Parameter("inplace", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
+    return inspect.signature(plan).replace(parameters=[*parameters[:-1], inplace, parameters[-1]],
+                                           return_annotation="nn.Module")
+
+
+add_se.__signature__ = _signature()
 
 
 def apply_plan(planned: Plan, *, inplace: bool = False) -> nn.Module:
@@ -209,7 +208,9 @@ def _fuse(unit: Residual, leaf: str, owner: nn.Module) -> None:
     """
     add, branch = unit.add, unit.branch
     overwrite = add.meta.get(WROTE_INTO) is branch or (
-        len(branch.users) == 1 and branch.op == "call_module" and _returns_new_tensor(owner.get_submodule(branch.target))
+        len(branch.users) == 1
+        and branch.op == "call_module"
+        and _returns_new_tensor(owner.get_submodule(branch.target))
     )
     add.op, add.target = "call_module", leaf
     add.args, add.kwargs = (unit.branch, unit.skip, overwrite), {}
