@@ -22,7 +22,7 @@ import torchvision  # noqa: E402
 
 import analysis.ablations as ablations  # noqa: E402
 from analysis.ablations import NO_SE, TABLES, main  # noqa: E402
-from tests.analysis_models import one_line_error  # noqa: E402
+from tests.helpers import one_line_error  # noqa: E402
 
 TINY = ["--epochs", "1", "--num-samples", "32", "--batch-size", "32", "--val-samples", "40", "--workers", "0"]
 
@@ -221,7 +221,8 @@ def test_collect_measures_finished_runs_and_names_the_missing_ones(tmp_path, mon
     stopped = Counting(fail_on=1)  # the sweep of the same folder: r=8 is on record; it goes on with r=16
     monkeypatch.setattr(se_surgery.train, "train", stopped)
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["--table", "reduction", "--variants", "r=8,r=16", "--out", str(out), "--no-progress", *TINY]) == 130
+        args = ["--table", "reduction", "--variants", "r=8,r=16", "--out", str(out), "--no-progress", *TINY]
+        assert main(args) == 130
     assert stopped.calls == [16] and pd.read_csv(out / "ablations.csv")["variant"].tolist() == ["r=8"]
 
 
@@ -261,7 +262,8 @@ def test_bad_input_gets_one_line_before_any_training(tmp_path, capsys, monkeypat
     assert "sweep.json is not a sweep's recipe (JSON, but a list" in error(folder("list", sweep_json="[1, 2]"))
 
     assert error(tmp_path / "v", "--reduction", "4").endswith(
-        "--reduction is what Table 10 (reduction ratio r) varies, each variant sets it: drop it, or pick another --table")
+        "--reduction is what Table 10 (reduction ratio r) varies, each variant sets it: drop it, "
+        "or pick another --table")
     assert "--se/--no-se is what every table varies (each has the no-SE baseline row): drop it" in error(
         tmp_path / "v", "--no-se")
     assert "--where is what Table 13 (SE in one stage) varies" in one_line_error(
@@ -274,7 +276,8 @@ def test_bad_input_gets_one_line_before_any_training(tmp_path, capsys, monkeypat
     else:
         assert error(tmp_path / "file" / "sweep").endswith(
             "(Not a directory): a part of the path is a file, not a folder: pick another path")
-        assert error(tmp_path / "file").endswith("(File exists): the path exists and is not a folder: pick another path")
+        assert error(tmp_path / "file").endswith(
+            "(File exists): the path exists and is not a folder: pick another path")
     assert (tmp_path / "file").read_text() == "not a folder"
 
 

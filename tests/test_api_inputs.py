@@ -14,7 +14,7 @@ from torchvision.models.resnet import ResNet
 
 from se_surgery import SurgeryError, add_se, paper_names, remove_se, se_blocks
 
-from .analysis_models import one_line_error
+from .helpers import one_line_error
 
 summary_cli = importlib.import_module("se_surgery.describe")
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from .analysis_models import make_loader, seeded_model
 from torch import nn
 
 from analysis import AnalysisError, ExcitationStats, capture_excitations
 from analysis.capture import find_gates
 from analysis.moments import ClassMoments
+
+from .helpers import make_loader, seeded_model
 
 
 def stored_gate_outputs(model: nn.Module, loader) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -70,8 +71,8 @@ def test_chan_merge_of_parts_equals_whole() -> None:
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
 
 
-def test_excitation_stats_merge_equals_single_capture() -> None:
-    model = seeded_model()
+def test_excitation_stats_merge_equals_single_capture(tiny_senet) -> None:
+    model = tiny_senet
     first, second = make_loader(n=32, seed=0), make_loader(n=48, seed=1)
     merged = capture_excitations(model, first).merge(capture_excitations(model, second))
     whole = capture_excitations(model, [*first, *second])
@@ -107,8 +108,8 @@ def test_hooks_removed_and_modes_restored_even_when_forward_fails() -> None:
     assert model.training and model.layer1[0].bn.training and not model.layer1[1].bn.training
 
 
-def test_blocks_accept_names_and_reject_unknown_ones() -> None:
-    model = seeded_model()
+def test_blocks_accept_names_and_reject_unknown_ones(tiny_senet) -> None:
+    model = tiny_senet
     stats = capture_excitations(model, make_loader(n=16), blocks=["layer2.0.se"])
     assert isinstance(stats, ExcitationStats) and stats.blocks == ["layer2.0.se"]
     with pytest.raises(AnalysisError, match=r"unknown SE block.*SE_2_1, SE_2_2, SE_3_1"):  # ResNet-like names

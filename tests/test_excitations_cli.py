@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 from analysis.excitations import build_parser, main, resolve_study, run  # noqa: E402
 from analysis.removal import evaluate  # noqa: E402
 
-from .analysis_models import Payload, one_line_error  # noqa: E402
+from .helpers import Payload, one_line_error  # noqa: E402
 
 PER_CLASS = 4
 FIGURES = ("fig6", "fig7", "specificity")
@@ -91,7 +91,8 @@ def test_ablating_every_block_gives_the_base_models_accuracy(ckpt, study) -> Non
     first = [i for k in range(10) for i in [j for j, t in enumerate(val.targets) if t == k][:PER_CLASS]]
     top1, top5, n = evaluate(base, DataLoader(Subset(val, sorted(first)), batch_size=128))
     assert ablation.loc["removed", "images"] == n == 10 * PER_CLASS
-    assert ablation.loc["removed", "top1"] == pytest.approx(top1) and ablation.loc["removed", "top5"] == pytest.approx(top5)
+    assert ablation.loc["removed", "top1"] == pytest.approx(top1)
+    assert ablation.loc["removed", "top5"] == pytest.approx(top5)
     assert ablation.loc["removed", "params"] == sum(p.numel() for p in base.parameters())
     assert ablation.loc["removed", "se_overhead_pct"] == 0 < ablation.loc["intact", "se_overhead_pct"]
 

@@ -22,12 +22,13 @@ from PIL import Image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 from analysis.capture import find_gates, model_paper_names  # noqa: E402
-from .analysis_models import Payload, one_line_error  # noqa: E402
 from analysis.collected import resolve_classes  # noqa: E402
 from analysis.errors import AnalysisError  # noqa: E402
 from analysis.excitations import main  # noqa: E402
 from analysis.foreign import imagenet_words, model_transform  # noqa: E402
 from analysis.protocol import paper_blocks, sample_channels  # noqa: E402
+
+from .helpers import Payload, one_line_error  # noqa: E402
 
 CLASSES, PER_CLASS = ("cat", "dog", "fox"), 3
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -195,7 +196,8 @@ def test_paper_protocol_channel_sampling_is_seeded_and_uniform() -> None:
     assert all(np.array_equal(a[k], b[k]) for k in channels)
     assert not np.array_equal(a["layer4.2.se"], sample_channels(channels, seed=1)["layer4.2.se"])
     assert np.array_equal(a["layer1.2.se"], sample_channels({"layer1.2.se": 256}, seed=0)["layer1.2.se"])
-    assert len(a["layer4.2.se"]) == 50 == len(set(a["layer4.2.se"])) and list(a["layer4.2.se"]) == sorted(a["layer4.2.se"])
+    last = a["layer4.2.se"]
+    assert len(last) == 50 == len(set(last)) and list(last) == sorted(last)
     assert list(a["tiny.se"]) == list(range(16))
     draws = np.concatenate([sample_channels({"x": 100}, seed=s)["x"] for s in range(400)])
     counts = np.bincount(draws, minlength=100)  # uniform: each channel drawn about 400 * 50 / 100 = 200 times

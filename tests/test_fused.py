@@ -146,7 +146,8 @@ def test_training_steps_give_the_same_weights(dtype, size, rel):
     for k, v in fused.state_dict().items():
         if v.is_floating_point():
             assert relative_error(v, after[k]) < rel, k
-    trained = [k for k, v in fused.state_dict().items() if k.endswith("se.fc1.weight") and relative_error(v, before[k]) > 1e-3]
+    trained = [k for k, v in fused.state_dict().items()
+               if k.endswith("se.fc1.weight") and relative_error(v, before[k]) > 1e-3]
     assert len(trained) == 8  # every SE did train
 
 

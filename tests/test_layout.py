@@ -104,3 +104,40 @@ def test_every_exception_raised_by_the_package_is_listed_in_errors():
                     assert name in listed, f"{path}: raises {name}, not listed in se_surgery.errors"
     for name in listed:
         assert issubclass(getattr(errors, name), ValueError)
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def test_no_two_sibling_modules_have_near_identical_names():
+    """rewrite/rewritten, ablation/ablations: a name that differs from its sibling's by a short suffix or two letters
+    does not tell the reader which file holds what."""
+    for package in ("se_surgery", "se_surgery/surgery", "se_surgery/train", "analysis", "tests"):
+        names = sorted(p.stem for p in (ROOT / package).glob("*.py") if p.stem != "__init__")
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                suffix = b.startswith(a) and len(b) - len(a) <= 3
+                assert not suffix and _edits(a, b) > 2, f"{package}: {a}.py and {b}.py are near-identical names"
+
+
+def test_no_function_body_in_the_packages_is_over_60_lines():
+    """Counted from the first statement after the docstring to the function's last line."""
+    long = []
+    for package in ("se_surgery", "analysis"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    body = node.body
+                    head = getattr(body[0], "value", None)
+                    docstring = isinstance(body[0], ast.Expr) and isinstance(head, ast.Constant)
+                    first = body[1] if docstring and len(body) > 1 else body[0]
+                    if node.end_lineno - first.lineno + 1 > 60:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not long, long

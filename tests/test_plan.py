@@ -1,4 +1,4 @@
-"""plan then apply: se_surgery.plan shows what add_se does, without touching the model; SEConfig and the layer registry."""
+"""plan then apply: se_surgery.plan shows what add_se does without touching the model; SEConfig; the layer registry."""
 
 import logging
 import subprocess
@@ -9,10 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
-import se_surgery
 from se_surgery import SEConfig, SurgeryError, add_se, apply_plan, paper_names, plan, se_blocks
 from se_surgery.surgery import SkipKind, UnitKind
-from se_surgery.surgery.layer_types import LayerKind, _REGISTRY, is_layer, layer_types, register_layer_type
+from se_surgery.surgery.layer_types import _REGISTRY, LayerKind, is_layer, layer_types, register_layer_type
 
 
 def test_resnet50_plans_its_16_units_and_prints_them():
@@ -27,9 +26,8 @@ def test_resnet50_plans_its_16_units_and_prints_them():
     assert text[-1].split() == ["layer4.2.se", "SE_5_3", "residual", "2048", "128", "yes"] and len(text) == 18
 
 
-def test_planning_leaves_the_model_as_it_was_and_apply_gives_add_se():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
+def test_planning_leaves_the_model_as_it_was_and_apply_gives_add_se(resnet18_10):
+    model = resnet18_10
     before = {k: v.clone() for k, v in model.state_dict().items()}
     classes = [type(m) for m in model.modules()]
     p = plan(model, where=[4, 5], reduction=8)
@@ -37,7 +35,8 @@ def test_planning_leaves_the_model_as_it_was_and_apply_gives_add_se():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert [s.kind for s in p.skipped] == [SkipKind.NOT_SELECTED] * 4 and p.skipped[0].owner == "layer1.0"
     applied = apply_plan(p)
-    assert applied is not model and list(se_blocks(applied)) == ["layer3.0.se", "layer3.1.se", "layer4.0.se", "layer4.1.se"]
+    assert applied is not model
+    assert list(se_blocks(applied)) == ["layer3.0.se", "layer3.1.se", "layer4.0.se", "layer4.1.se"]
     torch.manual_seed(1)
     direct = add_se(model, 8, where=[4, 5])
     assert paper_names(applied) == paper_names(direct) and applied.state_dict().keys() == direct.state_dict().keys()

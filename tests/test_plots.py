@@ -9,12 +9,13 @@ matplotlib.use("Agg")
 import matplotlib.image as mpimg  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from .analysis_models import make_loader, seeded_model  # noqa: E402
 
 from analysis import ExcitationStats, capture_excitations  # noqa: E402
 from analysis.metrics import metrics_frame  # noqa: E402
 from analysis.moments import ClassMoments  # noqa: E402
 from analysis.plots import fig6_blocks, plot_fig6, plot_fig7, plot_specificity, save_figure  # noqa: E402
+
+from .helpers import make_loader, seeded_model  # noqa: E402
 
 
 def fake_stats(paper: list[str], classes: int = 3, channels: int = 64) -> ExcitationStats:

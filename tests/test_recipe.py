@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 
 from se_surgery.errors import TrainError
-from se_surgery.train.recipe import DEMO, PAPER, Recipe, get_recipe
 from se_surgery.train.cli import build_parser
+from se_surgery.train.recipe import DEMO, PAPER, Recipe, get_recipe
 
 
 def test_paper_recipe_numbers():

@@ -25,7 +25,7 @@ from se_surgery.train.cli import main
 from se_surgery.train.recipe import Recipe
 from se_surgery.train.resume import RESUME_MAY_CHANGE, resolve_resume
 from se_surgery.train.run_lock import LOCK_NAME, RunLock
-from tests.analysis_models import one_line_error
+from tests.helpers import one_line_error
 
 # 4 steps of 16 images an epoch, 32 val images, on timm's 0.4M-parameter test ResNet (3 MB checkpoints); lr 0.03
 # makes epoch 2 the best one (val top-1 0% then 25%)

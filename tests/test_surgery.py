@@ -25,7 +25,8 @@ def residual_blocks(model: nn.Module) -> int:
     kinds = (resnet.BasicBlock, resnet.Bottleneck, regnet.ResBottleneckBlock, convnext.CNBlock)
     count = sum(isinstance(m, kinds) for m in model.modules())
     count += sum(isinstance(m, mobilenetv2.InvertedResidual) and m.use_res_connect for m in model.modules())
-    count += sum(type(m).__name__ in {"Bottleneck", "BasicBlock"} and "timm" in type(m).__module__ for m in model.modules())
+    count += sum(type(m).__name__ in {"Bottleneck", "BasicBlock"} and "timm" in type(m).__module__
+                 for m in model.modules())
     return count
 
 
@@ -35,7 +36,8 @@ def check_surgery(base: nn.Module, expected: int) -> nn.Module:
     assert len(blocks) == expected > 0
     assert type(se) is type(base)  # class (and so methods) kept
     classes = {name: type(m) for name, m in base.named_modules()}  # every block keeps its class too (a subclass)
-    kept = [isinstance(m, classes[n]) and type(m).__name__ == classes[n].__name__ for n, m in se.named_modules() if n in classes]
+    kept = [isinstance(m, classes[n]) and type(m).__name__ == classes[n].__name__
+            for n, m in se.named_modules() if n in classes]
     assert len(kept) == len(classes) and all(kept)
     old, new = base.state_dict(), se.state_dict()
     assert set(old) <= set(new)

@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models import resnet
@@ -23,7 +22,8 @@ ACT = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
 
 def se_ref(se: SELayer, u: torch.Tensor, squeeze: str = "avg", excitation: str = "sigmoid") -> torch.Tensor:
     """SENet Eq. 2-4 written out: z = squeeze(u); s = sigma(W2 relu(W1 z + b1) + b2); u * s (per position for none)."""
-    z = {"avg": lambda: u.mean((2, 3), keepdim=True), "max": lambda: u.amax((2, 3), keepdim=True), "none": lambda: u}[squeeze]()
+    z = {"avg": lambda: u.mean((2, 3), keepdim=True), "max": lambda: u.amax((2, 3), keepdim=True),
+         "none": lambda: u}[squeeze]()
     w1, w2 = se.fc1.weight[:, :, 0, 0], se.fc2.weight[:, :, 0, 0]
     b1 = se.fc1.bias if se.fc1.bias is not None else torch.zeros(w1.shape[0])
     b2 = se.fc2.bias if se.fc2.bias is not None else torch.zeros(w2.shape[0])
@@ -94,7 +94,8 @@ def test_position_matches_a_hand_written_block(kind, position):
         h = model[0](x)
         torch.testing.assert_close(block(h), hand_written(block, se, position, h), rtol=1e-5, atol=1e-5)
     widths = {"pre": cin, "3x3": block.conv1.out_channels}
-    assert se.fc1.in_channels == widths.get(position, block.bn2.num_features if kind.startswith("basic") else block.bn3.num_features)
+    last_norm = block.bn2 if kind.startswith("basic") else block.bn3
+    assert se.fc1.in_channels == widths.get(position, last_norm.num_features)
 
 
 @pytest.mark.parametrize("squeeze", ["avg", "max", "none"])
@@ -121,7 +122,8 @@ def test_squeeze_and_excitation_follow_their_formula(squeeze, excitation):
 def test_identity_init_opens_every_gate():
     u = torch.randn(2, 32, 4, 4)
     for excitation in ("sigmoid", "tanh", "relu"):
-        model = add_se(nn.Sequential(nn.Conv2d(3, 32, 1), resnet.BasicBlock(32, 32)), excitation=excitation, init="identity")
+        net = nn.Sequential(nn.Conv2d(3, 32, 1), resnet.BasicBlock(32, 32))
+        model = add_se(net, excitation=excitation, init="identity")
         se = se_blocks(model)["1.se"]
         with torch.no_grad():
             torch.testing.assert_close(se(u), u, rtol=1e-4, atol=1e-4)
@@ -210,7 +212,8 @@ def test_nosqueeze_multiply_adds_follow_the_formula():
     assert se_macs(224) == 411_041_792  # Table 16: 3.86 -> 4.27 GFLOPs, +0.41
     cost = summary(torchvision.models.resnet50(), (1, 3, 64, 64), squeeze="none")
     assert cost.params_se == 28_088_024 and cost.macs_se - cost.macs_base == se_macs(64)
-    assert count_macs(add_se(torchvision.models.resnet50()), (1, 3, 64, 64)) - cost.macs_base == se_macs(None) == 2_514_944
+    standard = count_macs(add_se(torchvision.models.resnet50()), (1, 3, 64, 64))
+    assert standard - cost.macs_base == se_macs(None) == 2_514_944
 
 
 def test_summary_takes_add_se_options_and_refuses_them_on_an_se_model():

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from se_surgery.train import get_recipe, train
 from se_surgery.train.checkpoint import load_checkpoint, read_checkpoint
+from se_surgery.train.cli import main
 from se_surgery.train.data import build_dataset
 from se_surgery.train.models import build_training_model
-from se_surgery.train import get_recipe, train
-from se_surgery.train.cli import main
 
 # A tiny run: 4 steps of 16 images an epoch, 32 val images; ResNet-18 because add_se must handle the real thing.
 TINY = ["--epochs", "2", "--num-samples", "64", "--batch-size", "16", "--val-samples", "32", "--no-progress"]

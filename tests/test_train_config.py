@@ -51,7 +51,8 @@ def _config(surgery):
 
 @pytest.mark.parametrize("surgery, where, keywords", [
     ({"reduction": 16, "init": "he", "owners": OWNERS}, None, {}),  # a config from before the SE variants
-    ({"reduction": 4, "init": "he", "where": ["4"], "squeeze": "max", "bias": False, "owners": ["layer4.0", "layer4.1"]},
+    ({"reduction": 4, "init": "he", "where": ["4"], "squeeze": "max", "bias": False,
+      "owners": ["layer4.0", "layer4.1"]},
      None, {"reduction": 4, "squeeze": "max", "bias": False}),
     ({"reduction": 8, "init": "he", "where": ["3"], "position": "pre", "excitation": "tanh", "owners": None},
      [3], {"reduction": 8, "position": "pre", "excitation": "tanh"}),
@@ -103,7 +104,8 @@ def test_a_resumed_writer_drops_a_torn_line_and_the_epochs_after_the_checkpoint(
     writer = MetricsWriter(tmp_path, keep_until=2)
     writer.write({"epoch": 2})  # already there: not written twice
     writer.write({"epoch": 3, "val_top1": 50.0})
-    assert (tmp_path / "metrics.jsonl").read_text() == _lines({"epoch": 1}, {"epoch": 2}, {"epoch": 3, "val_top1": 50.0})
+    expected = _lines({"epoch": 1}, {"epoch": 2}, {"epoch": 3, "val_top1": 50.0})
+    assert (tmp_path / "metrics.jsonl").read_text() == expected
 
 
 # --- rank, recipe from flags, file-system advice, timm: prefix -----------------------------------------------------

@@ -82,7 +82,8 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
     line0, line1 = err0.strip().splitlines()[-1], err1.strip().splitlines()[-1]
     assert (rc0, rc1) == (2, 2), (err0[-2000:], err1[-2000:])
     # rank 1's 6th training forward: epoch 2's 2nd step; both ranks name rank 1 and stop before the optimizer step
-    assert line0 == line1 and line0.startswith("python -m se_surgery.train: error: the loss became nan on rank 1 at step 6 (epoch 2)"), line0
+    expected = "python -m se_surgery.train: error: the loss became nan on rank 1 at step 6 (epoch 2)"
+    assert line0 == line1 and line0.startswith(expected), line0
     assert "last good checkpoint" in line0
     kept = read_checkpoint(out / "last.pt")
     assert (kept["epoch"], kept["step"]) == (1, 4) and all(torch.isfinite(t).all() for t in kept["model"].values())

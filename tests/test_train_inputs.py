@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 
 from se_surgery.errors import DataError
-from se_surgery.train import get_recipe, train
-from se_surgery.train import image_check, loop, recipe as recipe_module
+from se_surgery.train import get_recipe, image_check, loop, train
+from se_surgery.train import recipe as recipe_module
 from se_surgery.train.checkpoint import read_checkpoint
 from se_surgery.train.cli import main
 from se_surgery.train.data import unwrap_worker_error
 from se_surgery.train.distributed import Env
-from tests.analysis_models import one_line_error
+from tests.helpers import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "2", "--num-samples", "64", "--batch-size", "16", "--val-samples", "32", "--no-progress"]

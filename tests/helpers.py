@@ -1,42 +1,14 @@
-"""Tiny hand-made SE models and loaders shared by the analysis tests (not a test module itself)."""
+"""Helpers shared by the tests (not a test module): toy data loaders, a hostile pickle, the one-line-error check."""
 
 from __future__ import annotations
 
 import pathlib
 from typing import Callable
 
-import pytest
 import torch
-from timm.layers import SEModule
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchvision.ops import SqueezeExcitation
 
-
-class Block(nn.Module):
-    """conv-bn -> SE -> relu, with its SE at ``.se`` (torchvision's or timm's)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1, *, timm_se: bool = False) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn = nn.BatchNorm2d(c_out)
-        self.se = SEModule(c_out, rd_ratio=0.25) if timm_se else SqueezeExcitation(c_out, max(c_out // 4, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.se(self.bn(self.conv(x))))
-
-
-class TinySENet(nn.Module):
-    """Two stages, three SE blocks: ``layer1.0.se``, ``layer1.1.se``, ``layer2.0.se``."""
-
-    def __init__(self, num_classes: int = 4, *, timm_se: bool = False) -> None:
-        super().__init__()
-        self.layer1 = nn.Sequential(Block(3, 8, timm_se=timm_se), Block(8, 8, timm_se=timm_se))
-        self.layer2 = nn.Sequential(Block(8, 16, 2, timm_se=timm_se))
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.layer2(self.layer1(x)).mean((2, 3)))
+from .models import TinySENet
 
 
 class LabelledImages(TensorDataset):
