@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchvision.ops import SqueezeExcitation
 from tqdm.auto import tqdm
 
 from analysis.collected import ExcitationStats, resolve_classes, select_blocks

@@ -41,7 +41,8 @@ class RandomImages:
         g = torch.Generator().manual_seed(0)
         for start in range(0, self.images, self.batch_size):
             n = min(self.batch_size, self.images - start)
-            yield torch.randn(n, 3, self.size, self.size, generator=g), torch.randint(0, self.classes, (n,), generator=g)
+            yield (torch.randn(n, 3, self.size, self.size, generator=g),
+                   torch.randint(0, self.classes, (n,), generator=g))
 
 
 def se_resnet18(size: int) -> torch.nn.Module:
@@ -111,7 +112,9 @@ def main() -> None:
     for n in (args.images, 4 * args.images):
         cmd = [sys.executable, __file__, "--_memory", str(n), "--batch-size", str(args.batch_size),
                "--size", str(args.size), "--threads", str(args.threads)]
-        row = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        row = json.loads(
+            subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        )
         print(f"{n:>7} {row['peak_rss_mb']:>12.1f} {row['stats_mb']:>9.3f} {row['stored_outputs_mb']:>24.1f}")
 
 

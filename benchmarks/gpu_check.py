@@ -110,11 +110,14 @@ def cuda_tests() -> list[Row]:
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
                               f"--junitxml={report}", "tests"], cwd=ROOT, capture_output=True, text=True)
         if not report.exists():
-            raise RuntimeError(f"pytest wrote no report (exit {run.returncode}): {run.stdout[-500:]}{run.stderr[-500:]}")
+            raise RuntimeError(
+                f"pytest wrote no report (exit {run.returncode}): {run.stdout[-500:]}{run.stderr[-500:]}"
+            )
         suites = ElementTree.parse(report).getroot()
         suite = suites if suites.tag == "testsuite" else suites.find("testsuite")
         counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-        failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+        failed = [c.get("name") for c in suite.iter("testcase")
+                  if c.find("failure") is not None or c.find("error") is not None]
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     rows = [Row("cuda tests", "passed", passed, "tests", f"pytest -m cuda, exit {run.returncode}"),
             Row("cuda tests", "failed", counts["failures"] + counts["errors"], "tests", ", ".join(failed)[:200]),

@@ -57,7 +57,8 @@ def spread(values: list[float]) -> str:
 def se_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The tensors u the SE blocks of ``model`` gate on input ``x`` (captured by the gates' forward pre-hooks)."""
     found: list[torch.Tensor] = []
-    handles = [se.register_forward_pre_hook(lambda m, args: found.append(args[0].clone())) for se in se_blocks(model).values()]
+    handles = [se.register_forward_pre_hook(lambda m, args: found.append(args[0].clone()))
+               for se in se_blocks(model).values()]
     with torch.inference_mode():
         model(x)
     for handle in handles:
@@ -119,7 +120,9 @@ def main() -> None:
             with torch.inference_mode():
                 fns = {k: (lambda net=net: net(x)) for k, net in nets.items()}
                 times = interleaved(fns, args.rounds, calls=3 if batch == 1 else 1)
-                floor = statistics.median(interleaved({"pool": lambda: [global_mean(u) for u in pooled]}, args.rounds)["pool"])
+                floor = statistics.median(
+                    interleaved({"pool": lambda: [global_mean(u) for u in pooled]}, args.rounds)["pool"]
+                )
             plain = statistics.median(times["plain"])
             title = f"\nforward, eval, 224x224, batch {batch}, {name}, {args.rounds} rounds"
             print_table(title, times, {"floor": plain + floor})
@@ -138,7 +141,8 @@ def main() -> None:
 
         times = interleaved({k: (lambda k=k: step(k)) for k in nets}, max(args.rounds // 2, 3))
         rounds = len(times["plain"])
-        print_table(f"\ntraining step (forward, backward, SGD), batch 8, train mode, contiguous, {rounds} rounds", times)
+        print_table(f"\ntraining step (forward, backward, SGD), batch 8, train mode, contiguous, {rounds} rounds",
+                    times)
         for m in nets.values():
             m.eval()
 
@@ -151,7 +155,8 @@ def main() -> None:
             times = interleaved({k: (lambda m=m: m(x)) for k, m in compiled.items()}, max(args.rounds // 2, 3))
         print_table(f"\ntorch.compile (inductor), eval, batch 8, contiguous, {len(times['plain'])} rounds", times)
 
-    print("\npaper (SENet Sec. 4): one CPU, batch 1: 164 ms -> 167 ms, 1.02x; training step on GPUs: 190 -> 209 ms, 1.10x")
+    print("\npaper (SENet Sec. 4): one CPU, batch 1: 164 ms -> 167 ms, 1.02x; "
+          "training step on GPUs: 190 -> 209 ms, 1.10x")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from se_surgery.train import train
 from se_surgery.train.data import build_dataset
 from se_surgery.train.models import build_model
 from se_surgery.train.recipe import Recipe, get_recipe
 from se_surgery.train.sampling import ClassAwareSampler
-from se_surgery.train import train
 
 
 def bare_loop(steps: int, batch: int, recipe: Recipe | None = None, data: Dataset | None = None,

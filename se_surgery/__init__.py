@@ -14,7 +14,18 @@ from importlib import import_module
 from typing import Any
 
 from .errors import CheckpointError, DataError, SurgeryError, TrainError
-from .surgery import Plan, SEConfig, add_se, apply_plan, paper_names, plan, register_layer_type, remove_se, se_blocks, summary
+from .surgery import (
+    Plan,
+    SEConfig,
+    add_se,
+    apply_plan,
+    paper_names,
+    plan,
+    register_layer_type,
+    remove_se,
+    se_blocks,
+    summary,
+)
 
 __all__ = [
     "add_se",

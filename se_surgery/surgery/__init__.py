@@ -26,5 +26,6 @@ from .remove import paper_names, remove_se, se_blocks
 from .se_module import SELayer
 from .skips import SkipKind
 
-__all__ = ["add_se", "plan", "apply_plan", "remove_se", "se_blocks", "paper_names", "summary", "Summary", "SELayer", "SEConfig",
-           "Plan", "Unit", "UnitKind", "Skip", "SkipKind", "Untraceable", "register_layer_type", "LayerKind"]
+__all__ = ["add_se", "plan", "apply_plan", "remove_se", "se_blocks", "paper_names", "summary", "Summary", "SELayer",
+           "SEConfig", "Plan", "Unit", "UnitKind", "Skip", "SkipKind", "Untraceable", "register_layer_type",
+           "LayerKind"]

@@ -69,7 +69,9 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224), **
 
     if se_options or not se_blocks(model):
         if se_blocks(model):
-            raise SurgeryError(f"summary(..., {', '.join(se_options)}=...) needs the plain model; this one has SE blocks")
+            raise SurgeryError(
+                f"summary(..., {', '.join(se_options)}=...) needs the plain model; this one has SE blocks"
+            )
         model = add_se(model, **se_options)
     base = remove_se(model)
     return Summary(

@@ -83,7 +83,9 @@ def register_layer_type(kind: LayerKind | str, match: type | str, reason: str) -
         reason: why the entry is there, shown by :func:`layer_types`.
 
     Examples:
-        >>> register_layer_type("gate", MyChannelGate, "our channel attention: a branch with it is gated")  # doctest: +SKIP
+        >>> register_layer_type(
+        ...     "gate", MyChannelGate, "our channel attention: a branch with it is gated"
+        ... )  # doctest: +SKIP
     """
     try:
         kind = LayerKind(kind) if isinstance(kind, str) else kind

@@ -64,8 +64,11 @@ def paper_names_for(owners: Iterable[str]) -> dict[str, str]:
     return names
 
 
-def resolve_blocks(names: Iterable[str], blocks: Iterable[str], paper: Mapping[str, str]) -> tuple[list[str], list[str]]:
-    """SE module names or paper names (``"layer4.1.se"`` or ``"SE_5_2"``) -> module names, and the names that are neither.
+def resolve_blocks(
+    names: Iterable[str], blocks: Iterable[str], paper: Mapping[str, str]
+) -> tuple[list[str], list[str]]:
+    """SE module names or paper names (``"layer4.1.se"`` or ``"SE_5_2"``) -> module names, and the names that are
+    neither.
 
     Args:
         names: What the user asked for, in order (duplicates are dropped).

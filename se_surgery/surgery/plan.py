@@ -187,7 +187,9 @@ def plan(
     placed, unplaced = _placements(residuals, chosen, modules)
     order = {owner: i for i, owner in enumerate(forward)}
     planned = [u for owner, found in placed.items() for u in _units(owner, found, chosen, modules, paper)]
-    skips = [_skip(owner, s) for owner, s in [*skipped, *unplaced]] + [_skip(o, s, SkipKind.NOT_SELECTED) for o, s in excluded]
+    skips = [_skip(owner, s) for owner, s in [*skipped, *unplaced]] + [
+        _skip(o, s, SkipKind.NOT_SELECTED) for o, s in excluded
+    ]
     untraceable = [Untraceable(*u) for u in untraced]
     graphs = {owner: residuals[owner][0] for owner in placed}
     return Plan(model, chosen, planned, skips, untraceable, graphs, order)
@@ -270,7 +272,9 @@ def _where_filter(where: Where, paper: dict[str, str]) -> Callable[[str], bool]:
     return lambda owner: any(matches(item, owner) for item in items)
 
 
-def _select(units: dict[str, tuple[fx.Graph, list[Residual]]], where: Where, paper: dict[str, str]) -> list[tuple[str, Skipped]]:
+def _select(
+    units: dict[str, tuple[fx.Graph, list[Residual]]], where: Where, paper: dict[str, str]
+) -> list[tuple[str, Skipped]]:
     """Keep the owners ``where`` selects (in place); returns the sums it left out."""
     keep = _where_filter(where, paper)
     excluded = [(owner, Skipped(unit.add, SkipKind.NOT_SELECTED, "where= leaves its block out"))
@@ -313,7 +317,8 @@ def _placements(
     placed: dict[str, list[Placement]] = {}
     skipped: list[tuple[str, Skipped]] = []
     for owner, (graph, found) in units.items():
-        if se_children(modules[owner]):  # SE-POST / PRE / Identity sit off the branch, where the gate rule cannot see them
+        # SE-POST / PRE / Identity sit off the branch, where the gate rule cannot see them
+        if se_children(modules[owner]):
             skipped.extend((owner, Skipped(unit.add, SkipKind.HOLDS_SE, "its block already holds an SE from add_se"))
                            for unit in found)
             continue
@@ -419,7 +424,8 @@ def _free_se_names(module: nn.Module, owner: str, count: int) -> list[str]:
 
 def _describe(config: SEConfig) -> str:
     if config.se_layer is not None:
-        return f"{getattr(config.se_layer, '__name__', type(config.se_layer).__name__)} modules, {config.position} position"
+        return (f"{getattr(config.se_layer, '__name__', type(config.se_layer).__name__)} modules, "
+                f"{config.position} position")
     width = "C // r" if config.divisor is None else f"C / r rounded to {config.divisor}"
     variant = [] if (config.squeeze, config.excitation) == ("avg", "sigmoid") else [
         f"{config.squeeze} squeeze, {config.excitation} gate"]

@@ -6,7 +6,6 @@ the nodes that read the scaled tensor instead. Pure: the graph is not changed he
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,7 +94,9 @@ def _after_3x3(unit: Residual, modules: dict[str, nn.Module], order: dict[fx.Nod
     return node
 
 
-def place(unit: Residual, position: Position, modules: dict[str, nn.Module], order: dict[fx.Node, int]) -> Placement | Skipped:
+def place(
+    unit: Residual, position: Position, modules: dict[str, nn.Module], order: dict[fx.Node, int]
+) -> Placement | Skipped:
     """Where the SE of residual unit ``unit`` goes for ``position`` (SENet Fig. 5 and Sec. 6.5).
 
     - ``"standard"``: on the branch after its last norm, before drop-path / layer-scale and the sum (Fig. 5b);
@@ -120,7 +121,8 @@ def place(unit: Residual, position: Position, modules: dict[str, nn.Module], ord
     if position == "pre":
         shape = _shape(unit.root)
         if shape is None or len(shape) != 4:
-            return Skipped(unit.add, SkipKind.NO_POSITION, "position='pre' needs the block's input to be one N x C x H x W tensor")
+            return Skipped(unit.add, SkipKind.NO_POSITION,
+                           "position='pre' needs the block's input to be one N x C x H x W tensor")
         return Placement(unit, unit.root, tuple(u for u in unit.root.users if u in unit.path), int(shape[1]))
     after = _after_3x3(unit, modules, order)
     if isinstance(after, Skipped):

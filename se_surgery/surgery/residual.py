@@ -172,7 +172,8 @@ def _is_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     is_gate_fn = (node.op == "call_function" and node.target in _GATE_FUNCTIONS) or (
         node.op == "call_method" and node.target in _GATE_METHODS
     )
-    # A gate broadcasts over the tensor it scales (N x C x 1 x 1 against N x C x H x W); x * sigmoid(x) (swish) does not.
+    # A gate broadcasts over the tensor it scales (N x C x 1 x 1 against N x C x H x W);
+    # x * sigmoid(x) (swish) does not.
     return is_gate_fn and any(
         _shape(other) is not None and _shape(other) != _shape(node)
         for user in node.users
@@ -193,7 +194,8 @@ def classify_sum(
     """
     shape = _shape(a)
     if len(shape) != 4:
-        return Skipped(add, SkipKind.NOT_NCHW, f"a sum of {len(shape)}-D tensors (a transformer-style block?), SE needs N x C x H x W")
+        return Skipped(add, SkipKind.NOT_NCHW,
+                       f"a sum of {len(shape)}-D tensors (a transformer-style block?), SE needs N x C x H x W")
 
     def weight(n: fx.Node) -> int:
         if n.op == "call_module":
@@ -209,7 +211,8 @@ def classify_sum(
         arg, other = (a, b) if a.op == "placeholder" else (b, a)
         inputs = [n for n in _ancestors(other) if n.op == "placeholder"]
         if arg.op != "placeholder" or not inputs:
-            return Skipped(add, SkipKind.NO_SHARED_INPUT, "its operands share no input, so neither is a skip connection")
+            return Skipped(add, SkipKind.NO_SHARED_INPUT,
+                           "its operands share no input, so neither is a skip connection")
         root = max(inputs, key=lambda n: _heaviest_path(n, other, order, weight)[0])  # where the branch starts
         heavy = _heaviest_path(root, other, order, weight)
         (wa, path_a), (wb, path_b) = (((0, set()), heavy) if arg is a else (heavy, (0, set())))
@@ -217,7 +220,8 @@ def classify_sum(
         return Skipped(add, SkipKind.TIE, f"both operands carry {wa} learned layer(s), so neither is the skip")
     (branch, path, heavy), (skip, light) = ((a, path_a, wa), (b, wb)) if wa > wb else ((b, path_b, wb), (a, wa))
     if light > 1:
-        return Skipped(add, SkipKind.HEAVY_SKIP, f"the lighter operand carries {light} learned layers; a skip has at most one")
+        return Skipped(add, SkipKind.HEAVY_SKIP,
+                       f"the lighter operand carries {light} learned layers; a skip has at most one")
     if common and light == 0 and _is_part(root, skip):
         return Skipped(
             add,
@@ -229,7 +233,8 @@ def classify_sum(
         return Skipped(add, SkipKind.GATED, "its branch already holds an SE / attention gate")
     width = _last_width(path, modules, order)
     if width is not None and width == shape[-1]:
-        return Skipped(add, SkipKind.CHANNELS_LAST, f"its branch ends in a linear map over the last dimension ({width} features; dim 1 has "
+        return Skipped(add, SkipKind.CHANNELS_LAST,
+                       f"its branch ends in a linear map over the last dimension ({width} features; dim 1 has "
                        f"{shape[1]}): a channels-last N x H x W x C tensor, not N x C x H x W")
     insert, consumer = branch, add
     while (inner := _pass_through_input(insert, modules)) is not None and len(inner.users) == 1:
@@ -257,7 +262,8 @@ def residual_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[Resid
         )
 
     return [
-        Skipped(v.add, SkipKind.INNER_SUM, "it lies inside the branch of another residual sum of the same block (one SE per unit)")
+        Skipped(v.add, SkipKind.INNER_SUM,
+                "it lies inside the branch of another residual sum of the same block (one SE per unit)")
         if isinstance(v, Residual) and nested(v)
         else v
         for v in verdicts

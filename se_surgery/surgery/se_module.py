@@ -30,7 +30,12 @@ def global_mean(u: Tensor) -> Tensor:
     which CPUs run faster than ``u.mean((2, 3))``'s reduction over a strided dimension.
     """
     n, c, h, w = u.shape
-    if u.dtype == torch.float32 and h * w > 1 and u.is_contiguous(memory_format=torch.channels_last) and not u.is_contiguous():
+    if (
+        u.dtype == torch.float32
+        and h * w > 1
+        and u.is_contiguous(memory_format=torch.channels_last)
+        and not u.is_contiguous()
+    ):
         rows = u.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view: no copy
         return torch.matmul(u.new_full((1, h * w), 1.0 / (h * w)), rows).view(n, c)
     return u.mean((2, 3))
@@ -138,5 +143,6 @@ def check_shape_kept(module: nn.Module, channels: int, like: torch.Tensor | None
     finally:
         module.train(was)
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        return f"it maps 2 x {channels} x 5 x 7 to {tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
+        return (f"it maps 2 x {channels} x 5 x 7 to "
+                f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
     return None

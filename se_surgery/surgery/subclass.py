@@ -1,4 +1,5 @@
-"""A block given an SE stays an instance of its own class: it gets a subclass whose ``forward`` is the fx-generated code.
+"""A block given an SE stays an instance of its own class: it gets a subclass whose ``forward`` is the fx-generated
+code.
 
 torch.fx's ``GraphModule`` replaces a module by a new object of a new class; here only the block's class changes
 (``block.__class__ = subclass``), so the block keeps its identity, children, hooks, flags and every method of its
@@ -59,7 +60,9 @@ def _reduce_ex(self: nn.Module, protocol: int):
     return _rebuild, args, self.__getstate__()
 
 
-def _rebuild(base: type, src: str, globals_: dict[str, Any], called: frozenset[str], specs: tuple | None = None) -> nn.Module:
+def _rebuild(
+    base: type, src: str, globals_: dict[str, Any], called: frozenset[str], specs: tuple | None = None
+) -> nn.Module:
     cls = _class_for(base, src, _resolved(globals_), called, specs)
     return cls.__new__(cls)  # pickle / deepcopy then restore the state with nn.Module.__setstate__
 

@@ -182,7 +182,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple
         model.load_state_dict(payload["model"])
     except (TrainError, SurgeryError, RuntimeError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: cannot rebuild its model ({first}): is the installed se-surgery older?") from None
+        raise CheckpointError(
+            f"{path}: cannot rebuild its model ({first}): is the installed se-surgery older?"
+        ) from None
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model.eval(), info

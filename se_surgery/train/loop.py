@@ -47,7 +47,8 @@ __all__ = ["train"]
 
 log = logging.getLogger(__name__)
 def _device_notes(recipe: Recipe, env: Env) -> Recipe:
-    """Turn off ``--sync-bn`` where it cannot run (it needs CUDA and more than one rank), with a note, rather than crash.
+    """Turn off ``--sync-bn`` where it cannot run (it needs CUDA and more than one rank), with a note, rather than
+    crash.
 
     ``--amp`` (bf16 autocast), ``--channels-last`` and ``--compile`` (inductor) run on every device, the CPU included.
     """
@@ -361,7 +362,8 @@ def _run_epoch(run: RunState, loader: DataLoader, val_loader: DataLoader, epoch:
 
 
 def _wrap(model: nn.Module, recipe: Recipe, env: Env) -> tuple[nn.Module, nn.Module]:
-    """``(raw, model)``: what is saved and evaluated (on the device, SyncBN if asked) and what trains (compiled, in DDP).
+    """``(raw, model)``: what is saved and evaluated (on the device, SyncBN if asked) and what trains (compiled, in
+    DDP).
 
     torch.compile wraps the module inside DDP, as torch recommends (DDP's hooks stay outside the compiled graphs,
     which DDP's graph splitting cuts at its gradient buckets); ``raw`` keeps its own forward, so its state_dict keys

@@ -52,7 +52,8 @@ class _EpochStreamSampler(Sampler[int]):
         return math.ceil(self.num_samples / self.num_replicas) * self.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose stream to draw (reshuffled deterministically from ``(seed, epoch)``) from its start."""
+        """Select the epoch whose stream to draw (reshuffled deterministically from ``(seed, epoch)``) from its
+        start."""
         self.epoch = epoch
         self.position = 0
 
