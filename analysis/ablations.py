@@ -159,22 +159,6 @@ def _row(item: Planned) -> dict[str, Any]:
             "paper_top1_err": v.paper.top1_err, "paper_params_m": v.paper.params_m, "paper_gmacs": v.paper.gflops}
 
 
-def _check_surgery_supports(variant: Variant) -> None:
-    """Refuse, before any training, a variant that this version of :func:`se_surgery.add_se` cannot build."""
-    import inspect
-
-    from se_surgery import SEConfig
-    from se_surgery.surgery import add_se
-
-    accepted, defaults = inspect.signature(add_se).parameters, SEConfig.defaults()
-    needed = [k for k in defaults if k in variant.overrides and variant.overrides[k] != defaults[k]]
-    missing = [k for k in needed if k not in accepted]
-    if missing:
-        raise AnalysisError(f"variant {variant.name!r} needs add_se({', '.join(f'{k}=...' for k in missing)}), which "
-                            "this version of se_surgery does not have: install a version with the paper's SE "
-                            "variants, or pick another --table")
-
-
 def _read_sweep_json(out: Path) -> dict[str, Any] | None:
     """The base recipe recorded in ``out/sweep.json`` (``None``: no such file); a damaged one is refused."""
     path = out / "sweep.json"
@@ -256,8 +240,6 @@ def sweep(tables: Sequence[str], recipe: Any, out: Path, *, variants: Sequence[s
     out.mkdir(parents=True, exist_ok=True)
     done = {(r["table"], r["variant"]) for r in rows}
     todo = [item for item in plan(tables, recipe, out, variants) if (item.table, item.variant.name) not in done]
-    for item in todo:
-        _check_surgery_supports(item.variant)
     for item in todo:
         if not _finished(item.run, item.recipe.epochs):
             train(item.recipe, item.run, resume="auto", progress=progress)
@@ -349,7 +331,6 @@ def commands(tables: Sequence[str], trainer_args: Sequence[str], out: Path, *,
     base = [*trainer_args, *(t for k, v in _sweep_defaults(args).items() for t in _flags(k, v))]
     lines: dict[Path, tuple[list[str], list[str]]] = {}
     for item in plan(tables, recipe, out, variants):
-        _check_surgery_supports(item.variant)
         item.recipe.resolved()  # a value the trainer would refuse is refused here, before any job is queued
         own = [t for k, v in _changed(item.variant.overrides, recipe).items() for t in _flags(k, v)]
         tokens = [*launcher, "-m", TRAINER, "--out", str(item.run), "--resume", "auto", "--no-progress", *base, *own]
