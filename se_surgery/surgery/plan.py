@@ -170,11 +170,11 @@ def plan(
     modules = dict(model.named_modules())
     probe = probe_sums(model, example_for(model, example_input))
     residuals, skipped, untraced = _trace_owners(probe, modules, leaves, autowrap_functions, strict)
-    held = _owners_with_fused_se(modules, probe.owners, leaves, skipped)
-    forward = probe.owners if not held else sorted([*probe.owners, *held], key=list(probe.inputs).index)
+    holding_se = _owners_with_fused_se(modules, probe.owners, leaves, skipped)
+    forward = probe.owners if not holding_se else sorted([*probe.owners, *holding_se], key=list(probe.inputs).index)
     if not residuals:
         raise _nothing_found(model, skipped, untraced)
-    paper = paper_names_for(o for o in forward if o in residuals or o in held)
+    paper = paper_names_for(o for o in forward if o in residuals or o in holding_se)
     excluded = _select(residuals, where, paper)
     _drop_narrow(residuals, chosen, skipped, strict)
     if skipped or untraced:
