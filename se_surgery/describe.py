@@ -106,10 +106,11 @@ def _main(argv: list[str] | None) -> None:
         "and its SE version, next to the SENet paper.",
     )
     parser.add_argument("arch", nargs="?", default="resnet50", help="a torchvision.models.get_model name, or timm:NAME")
-    parser.add_argument("--reduction", "-r", type=int, default=16, help="the reduction ratio r (default 16)")
+    defaults, choices = SEConfig.defaults(), SEConfig.choices()
+    parser.add_argument("--reduction", "-r", type=int, default=defaults["reduction"],
+                        help=f"the reduction ratio r (default {defaults['reduction']})")
     parser.add_argument("--where", type=_where, default=None,
                         help="blocks that get an SE: paper stages (2,3), owner prefixes (layer3) or paper names")
-    defaults, choices = SEConfig.defaults(), SEConfig.choices()
     for name in ("position", "squeeze", "excitation"):
         help = f"{SEConfig.__dataclass_fields__[name].metadata['help']} (default {defaults[name]})"
         parser.add_argument(f"--{name}", choices=choices[name], default=defaults[name], help=help)

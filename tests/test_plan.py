@@ -118,6 +118,8 @@ def test_a_registered_gate_marks_a_branch_as_gated():
         register_layer_type("gait", Gate, "typo")
     with pytest.raises(SurgeryError, match="needs a reason"):
         register_layer_type("gate", Gate, "")
+    with pytest.raises(SurgeryError, match="not a regular expression"):
+        register_layer_type("gate", "(unclosed", "a typo")
     assert all(e.reason for e in layer_types())
 
 
@@ -142,3 +144,38 @@ def test_importing_the_old_module_does_not_hide_the_function():
     import se_surgery.summary  # noqa: F401
 
     assert callable(se_surgery.summary) and se_surgery.summary.__module__ == "se_surgery.surgery.cost"
+
+
+class LazyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.LazyConv2d(8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x))
+
+
+def test_planning_runs_on_a_copy_so_even_lazy_modules_stay_as_they_were():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), LazyBlock())
+    se = add_se(model, reduction=4)
+    assert type(model[1].conv) is nn.LazyConv2d and not se_blocks(model)  # the probe ran on the copy
+    assert type(se[1].conv) is nn.Conv2d and list(se_blocks(se)) == ["1.se"]
+
+
+def test_a_plan_applied_in_place_refuses_a_model_changed_since():
+    model = torchvision.models.resnet18()
+    first, second = plan(model), plan(model, reduction=4)
+    apply_plan(first, inplace=True)
+    with pytest.raises(SurgeryError, match="has changed since .* plan it again"):
+        apply_plan(second, inplace=True)
+    assert se_blocks(model)["layer4.0.se"].fc1.out_channels == 32  # the first plan's SE, not overwritten
+    snapshot = apply_plan(second)  # not in place: the copy planned on, as the model was then
+    assert se_blocks(snapshot)["layer4.0.se"].fc1.out_channels == 128
+
+
+def test_the_planning_module_is_not_hidden_by_the_function():
+    import importlib
+
+    module = importlib.import_module("se_surgery.surgery.planning")
+    assert module.plan is plan and callable(module.hidden_width)

@@ -19,14 +19,10 @@ from pathlib import Path
 
 import pytest
 
-import se_surgery
-
 ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NO_TEST, PRINTS = "<!-- no-test -->", "<!-- prints -->"
 MIN_SNIPPETS = 10  # the pages hold at least this many snippets that run: a parser that finds none must fail
-# Names that newer code adds: a snippet or command using one xfails where that name does not exist yet.
-PENDING = {"se_surgery.plan": re.compile(r"\bplan\("), "se_surgery.describe": re.compile(r"se_surgery\.describe")}
 
 
 @dataclass
@@ -75,24 +71,10 @@ def assert_shows(shown: str, out: str) -> None:
     assert re.fullmatch(pattern, got), f"the page shows:\n{shown}\nbut it printed:\n{out}"
 
 
-def _present(name: str) -> bool:
-    """``se_surgery.plan`` is an attribute; a module counts only in the se_surgery this test imported."""
-    if name == "se_surgery.plan":
-        return hasattr(se_surgery, "plan")
-    return (Path(se_surgery.__file__).parent / (name.split(".", 1)[1].replace(".", "/") + ".py")).exists()
-
-
-def _xfail_if_pending(text: str) -> None:
-    for name, used in PENDING.items():
-        if used.search(text) and not _present(name):
-            pytest.xfail(f"{name} is not in this version yet")
-
-
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.id for s in SNIPPETS])
 def test_snippet_runs_and_prints_what_the_page_shows(snippet, tmp_path, monkeypatch, capsys):
     if snippet.marker == NO_TEST:
         pytest.skip("marked <!-- no-test -->: needs a GPU, ImageNet or a download")
-    _xfail_if_pending(snippet.text)
     monkeypatch.chdir(tmp_path)  # snippets that write run folders write them here
     try:
         exec(compile(snippet.text, snippet.id, "exec"), {"__name__": "__main__"})
@@ -105,7 +87,6 @@ def test_snippet_runs_and_prints_what_the_page_shows(snippet, tmp_path, monkeypa
 
 @pytest.mark.parametrize("block", CONSOLES, ids=[b.id for b in CONSOLES])
 def test_shown_command_output_is_current(block):
-    _xfail_if_pending(block.text)
     commands = re.split(r"^\$ ", block.text, flags=re.M)[1:]
     assert commands, f"{block.id}: a console block shows at least one `$ python ...` command"
     for command in commands:

@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 from se_surgery import SurgeryError, add_se, remove_se, se_blocks
-from se_surgery.surgery.plan import hidden_width
+from se_surgery.surgery.planning import hidden_width
 
 from .models import DataDependent, Hybrid, PlusBlock, conv_bn
 

@@ -1,6 +1,6 @@
 """The surgery: find every residual unit of a CNN with torch.fx and put an SE block on it, as plan then apply.
 
-- :mod:`.plan`: :func:`plan` works out what :func:`add_se` would do, without touching the model: probe -> trace ->
+- :mod:`.planning`: :func:`plan` works out what :func:`add_se` would do, without touching the model: probe -> trace ->
   classify -> name -> select, returned as a printable :class:`Plan`;
 - :mod:`.insert`: :func:`add_se` (plan, then :func:`apply_plan`) builds the SE blocks and inserts them;
 - :mod:`.remove`: :func:`remove_se`, :func:`se_blocks`, :func:`paper_names`;
@@ -21,7 +21,7 @@ from .config import SEConfig
 from .cost import Summary, summary
 from .insert import add_se, apply_plan
 from .layer_types import LayerKind, register_layer_type
-from .plan import Plan, Skip, Unit, UnitKind, Untraceable, plan
+from .planning import Plan, Skip, Unit, UnitKind, Untraceable, plan
 from .remove import paper_names, remove_se, se_blocks
 from .se_module import SELayer
 from .skips import SkipKind

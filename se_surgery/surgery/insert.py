@@ -1,4 +1,4 @@
-"""Carry out a :class:`~.plan.Plan`: build each SE block, then insert it into its owner's graph and forward.
+"""Carry out a :class:`~.planning.Plan`: build each SE block, then insert it into its owner's graph and forward.
 
 Only the owners whose own forward holds a unit are traced (children stay leaves); each then runs the edited graph's
 code as a subclass of its own class (:mod:`.subclass`), so every module keeps its class, its methods and every
@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import SurgeryError
 from .config import SELayerFactory
 from .inputs import check_model
-from .plan import WROTE_INTO, Plan, Unit, plan
+from .planning import WROTE_INTO, Plan, Unit, plan, structure
 from .residual import Residual
 from .se_module import SELayer, check_shape_kept
 from .subclass import install_forward
@@ -83,7 +83,7 @@ def add_se(model: nn.Module, reduction: int | None = None, *, inplace: bool = Fa
 
 
 def _signature() -> inspect.Signature:
-    """add_se's signature as help() and editors show it: :func:`~.plan.plan`'s, with ``inplace`` before its
+    """add_se's signature as help() and editors show it: :func:`~.planning.plan`'s, with ``inplace`` before its
     ``**options`` (the arguments are written once, in plan)."""
     parameters = list(inspect.signature(plan).parameters.values())
     inplace = inspect.Parameter("inplace", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
@@ -99,8 +99,8 @@ def apply_plan(planned: Plan, *, inplace: bool = False) -> nn.Module:
     else a copy). A plan applies once.
 
     Raises:
-        SurgeryError: the plan was applied already, or an ``se_layer`` module does not keep its input's shape;
-            the model is then unchanged.
+        SurgeryError: the plan was applied already, ``inplace`` on a model whose modules changed since it was
+            planned, or an ``se_layer`` module does not keep its input's shape; the model is then unchanged.
 
     Examples:
         >>> chosen = se_surgery.plan(model, where=[4, 5])
@@ -111,7 +111,15 @@ def apply_plan(planned: Plan, *, inplace: bool = False) -> nn.Module:
         raise SurgeryError(f"apply_plan needs a Plan from se_surgery.plan(model); got {type(planned).__name__}")
     if planned._applied:
         raise SurgeryError("this Plan was applied already: make a new one with se_surgery.plan(model)")
-    target = planned.model if inplace else copy.deepcopy(planned.model)
+    if inplace and structure(planned.model) != planned._structure:
+        raise SurgeryError(
+            f"the {type(planned.model).__name__} this Plan was made for has changed since (its modules differ, e.g. "
+            "SE blocks were added): plan it again with se_surgery.plan(model)"
+        )
+    if inplace:
+        target = planned.model
+    else:
+        target = planned._working if planned._working is not planned.model else copy.deepcopy(planned.model)
     modules = dict(target.named_modules())
     built = [(unit, _build(unit, planned, modules[unit.owner])) for unit in planned.units]
     by_owner: dict[str, list[tuple[Unit, nn.Module]]] = {}

@@ -99,7 +99,13 @@ def register_layer_type(kind: LayerKind | str, match: type | str, reason: str) -
         raise SurgeryError(f"match must be a class or a regular expression; got {match!r}")
     if not isinstance(reason, str) or not reason.strip():
         raise SurgeryError("register_layer_type needs a reason: say why this type is a " + kind.value)
-    entry = LayerType(kind, match if isinstance(match, type) else _name(match), reason)
+    try:
+        pattern = match if isinstance(match, type) else _name(match)
+    except re.error as err:
+        raise SurgeryError(
+            f"match {match!r} is not a regular expression ({err}): pass a class or a valid pattern"
+        ) from None
+    entry = LayerType(kind, pattern, reason)
     _REGISTRY.insert(0, entry)
     return entry
 

@@ -11,6 +11,7 @@ A **unit** is a place an SE goes (a residual sum); its **owner** is the module w
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 import operator
@@ -85,13 +86,16 @@ class Plan:
     """The SE blocks :func:`add_se` would insert: ``units`` in forward order, ``skipped`` sums, ``untraceable`` owners.
 
     ``print(plan)`` shows it as a table; ``len(plan)`` is the number of SE blocks; :func:`~.insert.apply_plan`
-    carries it out, once.
+    carries it out, once. ``model`` is the model planned, which planning leaves as it was: the probe and the traces
+    run on a private copy, which ``apply_plan`` then fills (or, ``inplace``, ``model`` itself).
     """
 
-    def __init__(self, model: nn.Module, config: SEConfig, units: list[Unit], skipped: list[Skip],
-                 untraceable: list[Untraceable], graphs: dict[str, fx.Graph], order: dict[str, int]) -> None:
+    def __init__(self, model: nn.Module, working: nn.Module, config: SEConfig, units: list[Unit],
+                 skipped: list[Skip], untraceable: list[Untraceable], graphs: dict[str, fx.Graph],
+                 order: dict[str, int]) -> None:
         self.model, self.config = model, config
         self.units, self.skipped, self.untraceable = tuple(units), tuple(skipped), tuple(untraceable)
+        self._working, self._structure = working, structure(model)
         self._graphs, self._order, self._applied = graphs, order, False
 
     def __len__(self) -> int:
@@ -110,6 +114,20 @@ class Plan:
 
     def __str__(self) -> str:
         return _table(self)
+
+
+def structure(model: nn.Module) -> list[tuple[str, type]]:
+    """Every module's name and class: what must not change between planning and applying in place."""
+    return [(name, type(module)) for name, module in model.named_modules()]
+
+
+def _working_copy(model: nn.Module) -> nn.Module:
+    """A copy to probe and trace, so planning never touches ``model`` (lazy modules, buffers a forward updates)."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as err:  # a model that cannot be copied is planned on itself, as add_se(inplace=True) did
+        logger.debug("planning on %s itself: it cannot be deep-copied (%s)", type(model).__name__, err)
+        return model
 
 
 def hidden_width(channels: int, reduction: int, divisor: int | None = None) -> int:
@@ -167,8 +185,9 @@ def plan(
     if not isinstance(strict, bool):
         raise SurgeryError(f"strict must be True or False; got {strict!r}")
     leaves = leaf_names(model, leaf_modules)
-    modules = dict(model.named_modules())
-    probe = probe_sums(model, example_for(model, example_input))
+    working = _working_copy(model)
+    modules = dict(working.named_modules())
+    probe = probe_sums(working, example_for(working, example_input))
     residuals, skipped, untraced = _trace_owners(probe, modules, leaves, autowrap_functions, strict)
     holding_se = _owners_with_fused_se(modules, probe.owners, leaves, skipped)
     forward = probe.owners if not holding_se else sorted([*probe.owners, *holding_se], key=list(probe.inputs).index)
@@ -192,7 +211,7 @@ def plan(
     ]
     untraceable = [Untraceable(*u) for u in untraced]
     graphs = {owner: residuals[owner][0] for owner in placed}
-    return Plan(model, chosen, planned, skips, untraceable, graphs, order)
+    return Plan(model, working, chosen, planned, skips, untraceable, graphs, order)
 
 
 def _trace_owners(
