@@ -127,12 +127,15 @@ def test_the_papers_numbers_come_from_se_surgery_paper_one_row_per_variant() -> 
 def test_standard_se_config_is_unchanged_and_variants_are_recorded() -> None:
     """Runs trained before the variant fields resume: the standard SE's surgery config keeps its old keys."""
     from se_surgery.train import get_recipe
-    from se_surgery.train.models import surgery_config
+    from se_surgery.train.models import make_model_config, surgery_dict
 
-    assert surgery_config(get_recipe()) == {"reduction": 16, "init": "he"}
-    assert surgery_config(get_recipe(where=["4"], squeeze="max", se_bias=False)) == {
-        "reduction": 16, "init": "he", "where": ["4"], "squeeze": "max", "bias": False}
-    assert surgery_config(get_recipe(se=False)) is None
+    def stored(recipe):  # what a model_config records before the owners are known
+        return surgery_dict(recipe.se_config(), recipe.where)
+
+    assert stored(get_recipe()) == {"reduction": 16, "init": "he", "owners": None}
+    assert stored(get_recipe(where=["4"], squeeze="max", se_bias=False)) == {
+        "reduction": 16, "init": "he", "squeeze": "max", "bias": False, "where": ["4"], "owners": None}
+    assert make_model_config(get_recipe(se=False).resolved(), ["a", "b"])["surgery"] is None
 
 
 FLAGS = ["--seed", "3", "--arch-kwargs", "{}", "--no-bias", *TINY]  # JSON and a negated flag: quoting and --no-*

@@ -81,12 +81,20 @@ def test_each_eager_flag_alone_trains_saves_and_resumes_bit_exactly(tmp_path, fl
     _check_resume_is_bit_exact(tmp_path, whole, args)
 
 
-def test_all_flags_together_train_and_resume_bit_exactly_sync_bn_skipped_with_a_note(tmp_path, caplog):
+EVERY_FLAG = [*TINY, *SMALL, "--amp", "--channels-last", "--compile", "--sync-bn"]
+
+
+def _train_with_every_flag(tmp_path, caplog) -> Path:
+    """One run with every speed flag on, its log in ``caplog``; returns its run folder."""
     pytest.importorskip("timm")
-    args = [*TINY, *SMALL, "--amp", "--channels-last", "--compile", "--sync-bn"]
     whole = tmp_path / "whole"
     with caplog.at_level(logging.INFO, logger="se_surgery"):
-        assert main([*args, "--out", str(whole)]) == 0
+        assert main([*EVERY_FLAG, "--out", str(whole)]) == 0
+    return whole
+
+
+def test_all_flags_together_train_and_resume_bit_exactly_sync_bn_skipped_with_a_note(tmp_path, caplog):
+    args, whole = EVERY_FLAG, _train_with_every_flag(tmp_path, caplog)
     notes = [r.getMessage() for r in caplog.records if "--sync-bn" in r.getMessage()]
     assert notes == ["note: --sync-bn syncs BatchNorm statistics across CUDA ranks; it does nothing on the CPU: "
                      "ignored"]
@@ -164,11 +172,7 @@ def test_amp_channels_last_training_steps_on_cuda():
 
 @pytest.mark.cuda
 def test_trainer_with_every_speed_flag_on_cuda(tmp_path, caplog):
-    pytest.importorskip("timm")
-    args = [*TINY, *SMALL, "--amp", "--channels-last", "--compile", "--sync-bn"]
-    whole = tmp_path / "whole"
-    with caplog.at_level(logging.INFO, logger="se_surgery"):
-        assert main([*args, "--out", str(whole)]) == 0
+    args, whole = EVERY_FLAG, _train_with_every_flag(tmp_path, caplog)
     assert "--sync-bn syncs BatchNorm statistics across CUDA ranks; it does nothing on a single rank" in caplog.text
     _check_run(whole, {"amp": True, "channels_last": True, "compile": True, "sync_bn": False})
     # a resume continues under the same flags (CUDA kernels are not bit-reproducible: not compared bit for bit)

@@ -21,10 +21,10 @@ from .config import SEConfig
 from .cost import Summary, summary
 from .insert import add_se, apply_plan
 from .layer_types import LayerKind, register_layer_type
-from .planning import Plan, Skip, Unit, UnitKind, Untraceable, plan
+from .planning import Plan, Skip, Unit, UnitKind, plan
 from .remove import paper_names, remove_se, se_blocks
 from .se_module import SELayer
-from .skips import SkipKind
+from .skips import SkipKind, Untraceable
 
 __all__ = ["add_se", "plan", "apply_plan", "remove_se", "se_blocks", "paper_names", "summary", "Summary", "SELayer",
            "SEConfig", "Plan", "Unit", "UnitKind", "Skip", "SkipKind", "Untraceable", "register_layer_type",

@@ -121,19 +121,21 @@ def apply_plan(planned: Plan, *, inplace: bool = False) -> nn.Module:
     else:
         target = planned._working if planned._working is not planned.model else copy.deepcopy(planned.model)
     modules = dict(target.named_modules())
-    built = [(unit, _build(unit, planned, modules[unit.owner])) for unit in planned.units]
-    by_owner: dict[str, list[tuple[Unit, nn.Module]]] = {}
-    for unit, se in built:
-        by_owner.setdefault(unit.owner, []).append((unit, se))
-    for owner, inserts in by_owner.items():  # nothing above touched the model; from here on nothing can fail
+    by_owner: dict[str, list[Unit]] = {}
+    for unit in planned.units:
+        by_owner.setdefault(unit.owner, []).append(unit)
+    built = {owner: [(unit, _build(unit, k, planned, modules[owner])) for k, unit in enumerate(units)]
+             for owner, units in by_owner.items()}
+    for owner, inserts in built.items():  # nothing above touched the model; from here on nothing can fail
         _insert(modules[owner], planned._graphs[owner], inserts)
     planned._applied = True
-    logger.info("add_se: %d SE block(s) with r=%d in %s", len(built), planned.config.reduction, type(target).__name__)
+    logger.info("add_se: %d SE block(s) with r=%d in %s", len(planned.units), planned.config.reduction,
+                type(target).__name__)
     return target
 
 
-def _build(unit: Unit, planned: Plan, owner: nn.Module) -> nn.Module:
-    """The SE module of ``unit``, on the owner's device and dtype, carrying add_se's metadata."""
+def _build(unit: Unit, index: int, planned: Plan, owner: nn.Module) -> nn.Module:
+    """The SE module of ``unit`` (its owner's ``index``-th), on the owner's device and dtype, with add_se's metadata."""
     config, like = planned.config, next(owner.parameters(), None)
     if config.se_layer is not None:
         se = _user_se(config.se_layer, unit.channels, like, unit.owner)
@@ -148,7 +150,6 @@ def _build(unit: Unit, planned: Plan, owner: nn.Module) -> nn.Module:
         described = {"squeeze": config.squeeze, "excitation": config.excitation, "bias": config.bias,
                      "se_layer": None}
     leaf = unit.se_name.rpartition(".")[2]
-    index = [u for u in planned.units if u.owner == unit.owner].index(unit)
     se._se_surgery = {  # marks the blocks add_se made (remove_se never touches others), survives copies
         "paper_name": unit.paper_name,
         "order": (planned._order[unit.owner], index),  # forward order of the units

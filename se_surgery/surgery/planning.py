@@ -28,13 +28,13 @@ from .inputs import check_example, check_model, example_for, leaf_names
 from .naming import paper_names_for, se_children, se_name
 from .positions import POSITIONS, Placement, place
 from .probe import Probe, probe_sums
-from .refusals import Untraced, grouped, no_unit
+from .refusals import grouped, no_unit
 from .residual import Residual, residual_units
-from .skips import SkipKind, Skipped
+from .skips import SkipKind, Skipped, Untraceable
 from .subclass import runs_generated_forward
 from .tracing import concrete_arguments, propagate_shapes, trace_module
 
-__all__ = ["plan", "Plan", "Unit", "UnitKind", "Skip", "Untraceable", "hidden_width", "Where"]
+__all__ = ["plan", "Plan", "Unit", "UnitKind", "Skip", "hidden_width", "Where"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +71,6 @@ class Skip:
     node: str
     kind: SkipKind
     reason: str
-
-
-@dataclass(frozen=True)
-class Untraceable:
-    """An owner torch.fx cannot trace or run, left as it is; ``error`` says why and the way out."""
-
-    owner: str
-    class_name: str
-    error: SurgeryError
 
 
 class Plan:
@@ -155,7 +146,8 @@ def make_config(config: SEConfig | None, reduction: int | None, options: dict[st
     if unknown:
         raise SurgeryError(f"unknown option(s) {unknown}: the SE options are {', '.join(fields)} (see SEConfig)")
     changes = {**options, **({"reduction": reduction} if reduction is not None else {})}
-    return (config or SEConfig()).replace(**changes) if changes else (config or SEConfig())
+    base = config or SEConfig()
+    return base.replace(**changes) if changes else base
 
 
 def plan(
@@ -209,18 +201,17 @@ def plan(
     skips = [_skip(owner, s) for owner, s in [*skipped, *unplaced]] + [
         _skip(o, s, SkipKind.NOT_SELECTED) for o, s in excluded
     ]
-    untraceable = [Untraceable(*u) for u in untraced]
     graphs = {owner: residuals[owner][0] for owner in placed}
-    return Plan(model, working, chosen, planned, skips, untraceable, graphs, order)
+    return Plan(model, working, chosen, planned, skips, untraced, graphs, order)
 
 
 def _trace_owners(
     probe: Probe, modules: dict[str, nn.Module], leaves: set[str], autowrap_functions: Sequence[Callable], strict: bool
-) -> tuple[dict[str, tuple[fx.Graph, list[Residual]]], list[tuple[str, Skipped]], list[Untraced]]:
+) -> tuple[dict[str, tuple[fx.Graph, list[Residual]]], list[tuple[str, Skipped]], list[Untraceable]]:
     """Trace each owner the probe found: its residual units, the sums it skips, and the owners fx cannot trace."""
     units: dict[str, tuple[fx.Graph, list[Residual]]] = {}
     skipped: list[tuple[str, Skipped]] = []
-    untraced: list[Untraced] = []
+    untraced: list[Untraceable] = []
     for owner in probe.owners:
         if owner in leaves:
             continue
@@ -233,7 +224,7 @@ def _trace_owners(
         except SurgeryError as err:
             if strict:
                 raise
-            untraced.append((owner, type(module).__name__, err))
+            untraced.append(Untraceable(owner, type(module).__name__, err))
             continue
         found = []
         for verdict in residual_units(graph, dict(module.named_modules())):

@@ -5,26 +5,23 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..errors import SurgeryError
-from .skips import Skipped
+from .skips import Skipped, Untraceable
 
 __all__ = ["listed", "grouped", "found_instead", "no_unit"]
-
-Untraced = tuple[str, str, SurgeryError]  # (owner, its class name, why fx could not trace or run it)
-
 
 def listed(owners: list[str]) -> str:
     """The first four names, then how many more."""
     return ", ".join(owners[:4]) + (f" and {len(owners) - 4} more" if len(owners) > 4 else "")
 
 
-def grouped(skipped: Sequence[tuple[str, Skipped]], untraced: Sequence[Untraced] = ()) -> str:
+def grouped(skipped: Sequence[tuple[str, Skipped]], untraced: Sequence[Untraceable] = ()) -> str:
     """One line for everything left without SE: sums by reason, then blocks fx could not trace or run, by class."""
     by_reason: dict[str, list[str]] = {}
     for owner, skip in skipped:
         by_reason.setdefault(skip.reason, []).append(owner or "<top>")
     by_class: dict[str, list[tuple[str, SurgeryError]]] = {}
-    for owner, kind, err in untraced:
-        by_class.setdefault(kind, []).append((owner or "<top>", err))
+    for u in untraced:
+        by_class.setdefault(u.class_name, []).append((u.owner or "<top>", u.error))
     parts = [f"{len(owners)} sum(s) where {reason} ({listed(owners)})" for reason, owners in by_reason.items()]
     for errors in by_class.values():
         first = str(errors[0][1]).rstrip(".")
@@ -36,14 +33,14 @@ def grouped(skipped: Sequence[tuple[str, Skipped]], untraced: Sequence[Untraced]
     return "; ".join(parts)
 
 
-def found_instead(skipped: Sequence[tuple[str, Skipped]], untraced: Sequence[Untraced]) -> str:
+def found_instead(skipped: Sequence[tuple[str, Skipped]], untraced: Sequence[Untraceable]) -> str:
     """What a model holds instead of a unit that can take an SE, by count, without the API's advice."""
     reasons: dict[str, int] = {}
     for _, skip in skipped:
         reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
     parts = [f"{n} sum(s) where {reason}" for reason, n in reasons.items()]
     if untraced:
-        classes = ", ".join(dict.fromkeys(kind for _, kind, _ in untraced))
+        classes = ", ".join(dict.fromkeys(u.class_name for u in untraced))
         parts.append(f"{len(untraced)} block(s) torch.fx cannot trace or run ({classes})")
     return "; ".join(parts[:3]) + (f"; and {len(parts) - 3} other kind(s)" if len(parts) > 3 else "")
 

@@ -1,4 +1,5 @@
-"""Why a place gets no SE: one :class:`SkipKind` per reason, so code tests the kind and people read the text."""
+"""Why a place gets no SE: one :class:`SkipKind` per reason, so code tests the kind and people read the text; and
+the owners torch.fx cannot trace or run (:class:`Untraceable`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from dataclasses import dataclass
 
 from torch import fx
 
-__all__ = ["SkipKind", "Skipped"]
+from ..errors import SurgeryError
+
+__all__ = ["SkipKind", "Skipped", "Untraceable"]
 
 
 class SkipKind(enum.Enum):
@@ -33,3 +36,12 @@ class Skipped:
     add: fx.Node
     kind: SkipKind
     reason: str
+
+
+@dataclass(frozen=True)
+class Untraceable:
+    """An owner torch.fx cannot trace or run, left as it is; ``error`` says why and the way out."""
+
+    owner: str
+    class_name: str
+    error: SurgeryError

@@ -22,7 +22,7 @@ from ..surgery import SEConfig, add_se, se_blocks
 from ..surgery.naming import owner_of
 
 __all__ = ["TIMM_PREFIX", "split_arch", "accepted_kwargs", "build_model", "build_training_model", "make_model_config",
-           "se_config_of", "surgery_config", "surgery_dict"]
+           "se_config_of", "surgery_dict"]
 
 log = logging.getLogger(__name__)
 _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
@@ -138,16 +138,6 @@ def surgery_dict(config: SEConfig, where: list | None = None, owners: list[str] 
     changed = config.to_dict(changed_only=True)
     return {"reduction": config.reduction, "init": config.init, **changed, **({"where": where} if where else {}),
             "owners": owners}
-
-
-def surgery_config(recipe: Any) -> dict[str, Any] | None:
-    """The ``surgery`` part of a ``model_config`` from a recipe (``None`` for ``--no-se``), before the owners are
-    known."""
-    if not recipe.se:
-        return None
-    surgery = surgery_dict(recipe.se_config(), recipe.where)
-    del surgery["owners"]
-    return surgery
 
 
 def make_model_config(recipe: Any, class_names: list[str], owners: list[str] | None = None) -> dict[str, Any]:
