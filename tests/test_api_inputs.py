@@ -155,9 +155,9 @@ def test_summary_tells_a_cli_user_what_a_transformer_lacks(capsys, monkeypatch) 
             "regnet_x instead of regnet_y")
 
 
-def test_summary_tells_a_cli_user_a_plain_stack_has_no_residual_sum(capsys, monkeypatch) -> None:
-    plain = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten())  # noqa: E731
-    monkeypatch.setattr(summary_cli, "_base", lambda arch: plain)
+def test_summary_tells_a_cli_user_a_model_without_any_unit(capsys, monkeypatch) -> None:
+    mlp = lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))  # noqa: E731
+    monkeypatch.setattr(summary_cli, "_base", lambda arch: mlp)
     err = summary_error(capsys, "vgg11", "--input-size", "32")
-    assert "vgg11 has no residual CNN unit" in err and "no residual sum in Sequential" in err
+    assert "vgg11 has no" in err and "found no unit in Sequential" in err
     assert "leaf_modules" not in err and "try resnet50" in err

@@ -243,8 +243,8 @@ def test_token_sums_are_skipped_and_reported(caplog):
 
 @pytest.mark.parametrize("model", [torchvision.models.vgg11, torchvision.models.densenet121])
 def test_no_residual_sum(model):
-    with pytest.raises(SurgeryError, match="no residual sum.*where="):
-        add_se(model())
+    with pytest.raises(SurgeryError, match="no residual sum.*units='auto'"):
+        add_se(model(), units="residual")
 
 
 def test_already_gated_blocks_are_never_doubled(caplog):
@@ -353,12 +353,14 @@ def test_one_channel_model_gets_a_fitting_example_input():
     assert list(se_blocks(add_se(model, reduction=2))) == ["1.se"]
 
 
-def test_summary_cli_refuses_a_model_without_residuals_in_one_line():
+def test_summary_cli_refuses_a_transformer_in_one_line():
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-m", "se_surgery.describe", "vgg11"], capture_output=True, text=True)
-    assert run.returncode == 2 and "no residual sum in VGG" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, "-m", "se_surgery.describe", "vit_b_16", "--input-size", "224"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "VisionTransformer can take an SE" in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
 
 
 def test_two_sums_in_one_block_get_se_and_se_1_in_forward_order():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -23,8 +24,12 @@ from torch import fx, nn
 
 from ..errors import SurgeryError
 from ..paper import paper_stage
+from .attach import resolution_names, site_for
+from .concat import After, concat_units
 from .config import SEConfig
+from .layer_types import LayerKind, is_layer
 from .inputs import check_example, check_model, example_for, leaf_names
+from .plain import plain_units, pointwise_after_depthwise
 from .naming import paper_names_for, se_children, se_name
 from .positions import POSITIONS, Placement, place
 from .probe import Probe, probe_sums
@@ -46,6 +51,9 @@ class UnitKind(enum.Enum):
     """The kinds of place an SE goes (SENet Sec. 3.3)."""
 
     RESIDUAL = "residual"  # x + F(x): the SE recalibrates F(x) before the sum (Fig. 3)
+    PLAIN = "plain"  # after the non-linearity that follows a convolution (VGG, MobileNet: Sec. 3.3)
+    BRANCHES = "branches"  # on the concatenated output of parallel branches (an Inception module, Fig. 2)
+    DENSE = "dense"  # on new features joined to the carried input (DenseNet, ShuffleNetV2's split units)
 
 
 @dataclass(frozen=True)
@@ -150,12 +158,16 @@ def make_config(config: SEConfig | None, reduction: int | None, options: dict[st
     return base.replace(**changes) if changes else base
 
 
+UNIT_RULES = ("auto", "residual", "concat", "plain")
+
+
 def plan(
     model: nn.Module,
     reduction: int | None = None,
     *,
     config: SEConfig | None = None,
     where: Where = None,
+    units: str = "auto",
     leaf_modules: Sequence[str | type] = (),
     autowrap_functions: Sequence[Callable] = (),
     example_input: torch.Tensor | None = None,
@@ -176,12 +188,32 @@ def plan(
     chosen = make_config(config, reduction, options)
     if not isinstance(strict, bool):
         raise SurgeryError(f"strict must be True or False; got {strict!r}")
+    if units not in UNIT_RULES:
+        raise SurgeryError(
+            f"units={units!r} is no unit rule: pass one of {', '.join(map(repr, UNIT_RULES))} ('auto': residual "
+            "units where the network has residual sums, else its concatenated branches, else its plain chain)"
+        )
     leaves = leaf_names(model, leaf_modules)
     working = _working_copy(model)
     modules = dict(working.named_modules())
     probe = probe_sums(working, example_for(working, example_input))
-    residuals, skipped, untraced = _trace_owners(probe, modules, leaves, autowrap_functions, strict)
-    holding_se = _owners_with_fused_se(modules, probe.owners, leaves, skipped)
+    holding: list[tuple[str, Skipped]] = []
+    holding_se = _owners_with_fused_se(modules, probe.owners, leaves, holding)
+    if units == "residual" or (units == "auto" and (probe.owners or holding_se)):
+        found = _plan_residual(model, modules, probe, chosen, where, leaves, autowrap_functions, strict,
+                               (holding_se, holding))
+    else:
+        found = _plan_attached(model, modules, probe, chosen, where, leaves, autowrap_functions, strict, units)
+    return Plan(model, working, chosen, *found)
+
+
+def _plan_residual(model, modules, probe, chosen, where, leaves, autowrap_functions, strict, holds) -> tuple:
+    """The residual rule's units, skips, untraceable owners, graphs and forward order (see :func:`plan`); ``holds``:
+    the owners whose sums run fused in an SE already, and those sums."""
+    residuals, skipped, untraced = _trace_owners(probe.owners, probe, modules, leaves, autowrap_functions, strict,
+                                                 residual_units, Residual)
+    holding_se, holding = holds
+    skipped += holding
     forward = probe.owners if not holding_se else sorted([*probe.owners, *holding_se], key=list(probe.inputs).index)
     if not residuals:
         raise _nothing_found(model, skipped, untraced)
@@ -202,17 +234,118 @@ def plan(
         _skip(o, s, SkipKind.NOT_SELECTED) for o, s in excluded
     ]
     graphs = {owner: residuals[owner][0] for owner in placed}
-    return Plan(model, working, chosen, planned, skips, untraced, graphs, order)
+    return planned, skips, untraced, graphs, order
+
+
+_KINDS = {"plain": UnitKind.PLAIN, "inception": UnitKind.BRANCHES, "dense": UnitKind.DENSE}
+
+
+def _plan_attached(model, modules, probe, chosen, where, leaves, autowrap_functions, strict, units) -> tuple:
+    """The plain and multi-branch rules' units (Sec. 3.3): each channel concatenation of branches, or for a network
+    without any (``units="plain"``, or "auto"), each non-linearity after a convolution. See :func:`plan`."""
+    name = type(model).__name__
+    if chosen.position != "standard":
+        raise SurgeryError(
+            f"position={chosen.position!r} places an SE around a residual sum, and {name} gets "
+            f"{'plain' if units == 'plain' else 'plain or multi-branch'} units, which have none: leave position at "
+            "'standard' (the SE follows the unit's output)"
+        )
+    gated = {n for n, m in modules.items() if is_layer(m, LayerKind.GATE) or "_se_surgery" in m.__dict__}
+    inside_gate = [o for o in [*probe.cat_owners, *probe.conv_owners]
+                   if any(o == g or o.startswith(g + ".") for g in gated if g)]
+    convs = [modules[n] for n in probe.inputs if isinstance(modules.get(n), nn.modules.conv._ConvNd)]
+    plain = functools.partial(plain_units, pointwise=pointwise_after_depthwise(convs))
+    tried = [("concat", probe.cat_owners, concat_units), ("plain", probe.conv_owners, plain)]
+    for rule, owners, finder in tried if units == "auto" else [t for t in tried if t[0] == units]:
+        owners = [o for o in owners if o not in inside_gate]
+        found, skipped, untraced = _trace_owners(owners, probe, modules, leaves, autowrap_functions, strict, finder,
+                                                 After)
+        if found:
+            break
+    if not found:
+        raise _nothing_found(model, skipped, untraced, units)
+    _only_separable(found, skipped)
+    sites, held = [], []
+    for owner, (graph, afters) in found.items():
+        for after in afters:
+            site = site_for(owner, graph, after, modules, probe.calls, leaves)
+            if isinstance(site, Skipped):
+                skipped.append((owner, site))
+            elif se_children(modules[site.module]):
+                held.append((site.module, Skipped(site.after, SkipKind.HOLDS_SE, "it holds an SE from add_se")))
+            else:
+                sites.append(site)
+    if not sites:
+        raise SurgeryError(f"no unit of {name} can take an SE: {grouped([*skipped, *held], untraced)}")
+    paper = resolution_names(sites)
+    keep = _where_filter(where, paper)
+    excluded = [(s.module, Skipped(s.after, SkipKind.NOT_SELECTED, "where= leaves it out")) for s in sites
+                if not keep(s.module)]
+    sites = [s for s in sites if keep(s.module)]
+    if not sites:
+        raise SurgeryError(f"where={where!r} excluded every unit; candidates: "
+                           + ", ".join(f"{o} ({p})" for o, p in paper.items()))
+    planned, graphs, order, narrow = _attached_units(sites, chosen, modules, paper, strict)
+    skipped += held + narrow
+    if skipped or untraced:
+        logger.warning("add_se skipped %s", grouped(skipped, untraced))
+    if not planned:
+        raise SurgeryError(f"no unit of {name} is wide enough for r={chosen.reduction}: {grouped(skipped)}.")
+    skips = [_skip(o, s) for o, s in skipped] + [_skip(o, s, SkipKind.NOT_SELECTED) for o, s in excluded]
+    return planned, skips, untraced, graphs, order
+
+
+def _only_separable(found: dict[str, tuple[fx.Graph, list[After]]], skipped: list) -> None:
+    """In a network of depthwise separable units (MobileNet), keep only those (in place): its stem is no unit."""
+    if not any(a.separable for _, afters in found.values() for a in afters):
+        return
+    for owner, (graph, afters) in list(found.items()):
+        skipped += [(owner, Skipped(a.node, SkipKind.OUTSIDE_UNITS, "a convolution outside the network's depthwise "
+                                    "separable units (its stem or head), which alone get an SE")) for a in afters
+                    if not a.separable]
+        kept = [a for a in afters if a.separable]
+        if kept:
+            found[owner] = (graph, kept)
+        else:
+            del found[owner]
+
+
+def _attached_units(sites, config: SEConfig, modules: dict, paper: dict, strict: bool) -> tuple:
+    """The units of ``sites`` (in forward order), their graphs and order, and the sites narrower than r."""
+    planned, graphs, order, narrow, count = [], {}, {}, [], {}
+    for site in sites:
+        ours = config.se_layer is None
+        hidden = hidden_width(site.unit.channels, config.reduction, config.divisor) if ours else None
+        if hidden is not None and hidden < 1:
+            if strict:
+                raise SurgeryError(narrow_message(site.unit.channels, config.reduction, site.module) + ".")
+            narrow.append((site.module, Skipped(site.after, SkipKind.NARROW,
+                                                f"it has {site.unit.channels} channels, fewer than r={config.reduction}"
+                                                " (pass a smaller reduction, divisor=8, or where= to leave it out)")))
+            continue
+        k = count[site.module] = count.get(site.module, -1) + 1
+        if k == 0:
+            (se,) = _free_se_names(modules[site.module], site.module, 1)
+            graphs[site.module], order[site.module] = site.graph, len(order)
+        else:
+            se = _free_se_names(modules[site.module], site.module, k + 1)[-1]
+        placement = Placement(None, site.after, site.readers, site.unit.channels)
+        paper_name = paper[site.module] + (f"_{k + 1}" if k else "")
+        planned.append(Unit(site.module, se, paper_name, _KINDS[site.unit.kind], site.unit.channels, hidden,
+                            "standard", False, placement))
+    return planned, graphs, order, narrow
 
 
 def _trace_owners(
-    probe: Probe, modules: dict[str, nn.Module], leaves: set[str], autowrap_functions: Sequence[Callable], strict: bool
-) -> tuple[dict[str, tuple[fx.Graph, list[Residual]]], list[tuple[str, Skipped]], list[Untraceable]]:
-    """Trace each owner the probe found: its residual units, the sums it skips, and the owners fx cannot trace."""
-    units: dict[str, tuple[fx.Graph, list[Residual]]] = {}
+    owners: Sequence[str], probe: Probe, modules: dict[str, nn.Module], leaves: set[str],
+    autowrap_functions: Sequence[Callable], strict: bool, finder: Callable[[fx.Graph, dict], list], unit_type: type
+) -> tuple[dict[str, tuple[fx.Graph, list]], list[tuple[str, Skipped]], list[Untraceable]]:
+    """Trace each of ``owners``: the units ``finder`` finds in it (``unit_type``), the places it skips, and the
+    owners fx cannot trace."""
+    units: dict[str, tuple[fx.Graph, list]] = {}
     skipped: list[tuple[str, Skipped]] = []
     untraced: list[Untraceable] = []
-    for owner in probe.owners:
+    for owner in owners:
         if owner in leaves:
             continue
         module = modules[owner]
@@ -227,8 +360,8 @@ def _trace_owners(
             untraced.append(Untraceable(owner, type(module).__name__, err))
             continue
         found = []
-        for verdict in residual_units(graph, dict(module.named_modules())):
-            if isinstance(verdict, Residual):
+        for verdict in finder(graph, dict(module.named_modules())):
+            if isinstance(verdict, unit_type):
                 found.append(verdict)
             else:
                 skipped.append((owner, verdict))
@@ -237,24 +370,35 @@ def _trace_owners(
     return units, skipped, untraced
 
 
-def _nothing_found(model: nn.Module, skipped: list, untraced: list) -> SurgeryError:
+def _nothing_found(model: nn.Module, skipped: list, untraced: list, units: str = "residual") -> SurgeryError:
     from .refusals import found_instead
 
     name = type(model).__name__
     if skipped or untraced:
-        return no_unit(
-            f"no residual sum of {name} can take an SE: {grouped(skipped, untraced)}. A model "
-            "whose blocks are already gated (add_se applied twice, EfficientNet, RegNetY, SE-ResNet) needs none; "
-            "for the plain version, start from the model without attention (e.g. regnet_x instead of regnet_y).",
-            f"no residual sum of {name} can take an SE: {found_instead(skipped, untraced)}",
+        kind = {"residual": "residual sum", "concat": "concatenation", "plain": "unit"}.get(units, "unit")
+        advice = (
+            " A model whose blocks are already gated (add_se applied twice, EfficientNet, RegNetY, SE-ResNet) needs "
+            "none; for the plain version, start from the model without attention (e.g. regnet_x instead of regnet_y)."
+            if units == "residual" else ""
         )
+        return no_unit(
+            f"no {kind} of {name} can take an SE: {grouped(skipped, untraced)}.{advice}",
+            f"no {kind} of {name} can take an SE: {found_instead(skipped, untraced)}",
+        )
+    if units == "residual":
+        return no_unit(
+            f"found no residual sum in {name}: no module adds two same-shape tensors. units='residual' puts SE only "
+            "on residual units (x + F(x)); pass units='auto' for the paper's rule for plain and multi-branch "
+            "networks. If a block was listed in leaf_modules=, drop it from there.",
+            f"found no residual sum in {name}: no module adds two same-shape tensors",
+        )
+    wanted = {"concat": "no concatenation of parallel branches along channels",
+              "plain": "no convolution followed by a non-linearity"}.get(
+        units, "no residual sum, no concatenation of parallel branches and no convolution followed by a non-linearity")
     return no_unit(
-        f"found no residual sum in {name}: no module adds two same-shape tensors. add_se works "
-        "on residual networks (x + F(x)); plain stacks such as VGG and concatenating ones such as DenseNet have "
-        "none. If a block was listed in leaf_modules=, drop it from there; where= only chooses among residual "
-        "blocks, so it cannot create one.",
-        f"found no residual sum in {name}: no module adds two same-shape tensors, as in a plain "
-        "stack (VGG) or a concatenating network (DenseNet)",
+        f"found no unit in {name} to put an SE on: {wanted}. If a block was listed in leaf_modules=, drop it from "
+        "there; a model without convolutions (an MLP, a transformer) is no CNN.",
+        f"found no unit in {name}: {wanted}",
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..errors import SurgeryError
-from .skips import Skipped, Untraceable
+from .skips import SkipKind, Skipped, Untraceable
 
 __all__ = ["listed", "grouped", "found_instead", "no_unit"]
 
@@ -14,15 +14,32 @@ def listed(owners: list[str]) -> str:
     return ", ".join(owners[:4]) + (f" and {len(owners) - 4} more" if len(owners) > 4 else "")
 
 
+_PLACES = {SkipKind.INNER_CONCAT: "concatenation(s)", SkipKind.NO_BRANCHES: "concatenation(s)",
+           SkipKind.OUTSIDE_UNITS: "convolution(s)", SkipKind.CONTAINER: "layer(s)"}
+
+
+def _places(skip: Skipped) -> str:
+    """What a skipped place is, in words: a sum, a concatenation, a convolution or a layer."""
+    if skip.kind in _PLACES:
+        return _PLACES[skip.kind]
+    node = skip.add
+    target = getattr(node.target, "__name__", str(node.target))
+    if target in ("cat", "concat", "concatenate"):
+        return "concatenation(s)"
+    fused = node.op == "call_module" and len(node.args) > 1  # an SE of ours running its sum
+    return "sum(s)" if "add" in target or fused else "layer(s)"
+
+
 def grouped(skipped: Sequence[tuple[str, Skipped]], untraced: Sequence[Untraceable] = ()) -> str:
     """One line for everything left without SE: sums by reason, then blocks fx could not trace or run, by class."""
-    by_reason: dict[str, list[str]] = {}
+    by_reason: dict[tuple[str, str], list[str]] = {}
     for owner, skip in skipped:
-        by_reason.setdefault(skip.reason, []).append(owner or "<top>")
+        by_reason.setdefault((_places(skip), skip.reason), []).append(owner or "<top>")
     by_class: dict[str, list[tuple[str, SurgeryError]]] = {}
     for u in untraced:
         by_class.setdefault(u.class_name, []).append((u.owner or "<top>", u.error))
-    parts = [f"{len(owners)} sum(s) where {reason} ({listed(owners)})" for reason, owners in by_reason.items()]
+    parts = [f"{len(owners)} {places} where {reason} ({listed(owners)})"
+             for (places, reason), owners in by_reason.items()]
     for errors in by_class.values():
         first = str(errors[0][1]).rstrip(".")
         if len(errors) == 1:
@@ -35,10 +52,11 @@ def grouped(skipped: Sequence[tuple[str, Skipped]], untraced: Sequence[Untraceab
 
 def found_instead(skipped: Sequence[tuple[str, Skipped]], untraced: Sequence[Untraceable]) -> str:
     """What a model holds instead of a unit that can take an SE, by count, without the API's advice."""
-    reasons: dict[str, int] = {}
+    reasons: dict[tuple[str, str], int] = {}
     for _, skip in skipped:
-        reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
-    parts = [f"{n} sum(s) where {reason}" for reason, n in reasons.items()]
+        key = (_places(skip), skip.reason)
+        reasons[key] = reasons.get(key, 0) + 1
+    parts = [f"{n} {places} where {reason}" for (places, reason), n in reasons.items()]
     if untraced:
         classes = ", ".join(dict.fromkeys(u.class_name for u in untraced))
         parts.append(f"{len(untraced)} block(s) torch.fx cannot trace or run ({classes})")

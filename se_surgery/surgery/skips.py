@@ -27,6 +27,10 @@ class SkipKind(enum.Enum):
     NO_POSITION = "no position"  # the chosen position has no place in this unit (3x3, pre)
     NARROW = "narrow"  # fewer channels than r: C // r would be 0
     NOT_SELECTED = "not selected"  # left out by where=
+    INNER_CONCAT = "inner concat"  # a concatenation inside another one of the same block (Inception-v3's InceptionE)
+    NO_BRANCHES = "no branches"  # a concatenation without parallel learned branches (a class token, an input transform)
+    OUTSIDE_UNITS = "outside units"  # a plain conv outside a network's depthwise separable units (MobileNet's stem)
+    CONTAINER = "container"  # the SE would have to go into an nn.Sequential / ModuleList / ModuleDict's own forward
 
 
 @dataclass(frozen=True)

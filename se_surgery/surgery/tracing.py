@@ -44,6 +44,7 @@ def concrete_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str
       DLA blocks) takes the branch the model really takes; the traced forward asserts it stays None.
     - A tuple or list of ints (a feature-map size, Twins' ``PosConv.forward(x, size)``) is traced element by element,
       so ``view(B, C, *size)`` works and the block still runs at any size.
+    - A list of tensors (DenseNet's and SelecSLS's feature lists) is traced element by element at its length.
     """
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
@@ -60,6 +61,8 @@ def concrete_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str
             concrete[key] = None
         elif isinstance(value, (tuple, list)) and value and all(type(v) is int for v in value):
             concrete[key] = [PH] * len(value) if isinstance(value, list) else (PH,) * len(value)  # torch.Size too
+        elif isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+            concrete[key] = [PH] * len(value)  # a list of feature maps (DenseNet, SelecSLS, VoVNet): its length fixed
     return concrete
 
 
@@ -85,8 +88,8 @@ def trace_module(
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError, ... depending on the construct
         reason = _first_line(err)
         raise SurgeryError(
-            f"torch.fx cannot trace the forward of {_display(name)} ({type(module).__name__}), which holds a residual "
-            f"sum: {reason}. Either leave this block without SE with add_se(..., leaf_modules=[{name!r}]) or "
+            f"torch.fx cannot trace the forward of {_display(name)} ({type(module).__name__}), which holds a place "
+            f"for an SE: {reason}. Either leave this block without SE with add_se(..., leaf_modules=[{name!r}]) or "
             f"leaf_modules=[{type(module).__name__}], or, if a helper function is the problem, keep it opaque with "
             f"autowrap_functions=[that_function]."
         ) from err

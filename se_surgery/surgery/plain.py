@@ -1,0 +1,100 @@
+"""The plain-chain rule (SENet Sec. 3.3: VGG and MobileNet) on an fx graph. Pure: no module is changed here.
+
+The rule, checkable by hand on one block's forward:
+
+1. An SE goes after the non-linearity that follows each convolution: ``conv -> (norm | dropout | identity)* ->
+   activation``, the activation being an activation layer or function, or a norm-act module (timm's
+   ``BatchNormAct2d``), whose own activation the SE then follows.
+2. A depthwise convolution (``groups == in_channels > 1``) and the pointwise one after it are one unit, MobileNet's
+   depthwise separable convolution: only the pointwise convolution's non-linearity gets an SE. In a network built
+   of such units, they alone get one (its standard-convolution stem is no unit). This is what fits the paper's
+   SE-MobileNet (Table 3: 4.2 M -> 4.7 M parameters, 569 -> 572 MFLOPs at r = 16: 13 SE).
+3. A convolution that no non-linearity follows (a residual branch's last, a classifier) gets none.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .concat import After
+from .layer_types import LayerKind, is_layer
+from .positions import _is_activation, _is_norm_or_pass_through
+from .residual import _shape, learned_layers
+
+__all__ = ["plain_units", "norm_act_child", "pointwise_after_depthwise"]
+
+_CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
+
+
+def _conv_of(node: fx.Node, modules: dict[str, nn.Module]) -> nn.modules.conv._ConvNd | None | bool:
+    """The convolution ``node`` runs (a conv layer, or a conv + norm module with no activation), True for a
+    functional convolution, None if it runs none."""
+    if node.op == "call_function":
+        return True if node.target in _CONV_FUNCTIONS else None
+    if node.op != "call_module":
+        return None
+    module = modules[node.target]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module
+    inside = list(module.modules())
+    convs = [m for m in inside if isinstance(m, nn.modules.conv._ConvNd)]
+    if learned_layers(module) == 1 and convs and not any(_activation_module(m) for m in inside):
+        return convs[0]
+    return None
+
+
+def _activation_module(module: nn.Module) -> bool:
+    return type(module).__module__ == "torch.nn.modules.activation" or (
+        is_layer(module, LayerKind.ACTIVATION) and learned_layers(module) == 0)
+
+
+def norm_act_child(module: nn.Module) -> str | None:
+    """The name of a norm-act module's activation child (timm's ``BatchNormAct2d.act``), if ``module`` is one."""
+    if learned_layers(module) or not (is_layer(module, LayerKind.NORM) or isinstance(module, nn.modules.batchnorm._NormBase)):
+        return None
+    act = getattr(module, "act", None)
+    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity) and _activation_module(act):
+        return "act"
+    return None
+
+
+def _is_depthwise(conv: nn.modules.conv._ConvNd | bool) -> bool:
+    return isinstance(conv, nn.modules.conv._ConvNd) and conv.groups > 1 and conv.groups == conv.in_channels
+
+
+def _passes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A step between a convolution and its non-linearity: a norm, drop-out or identity."""
+    return _is_norm_or_pass_through(node, modules) or (node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS)
+
+
+def pointwise_after_depthwise(convs: list[nn.modules.conv._ConvNd]) -> set[int]:
+    """The ids of the 1x1 convolutions that complete a depthwise separable one: ``convs`` in call order, each pointwise
+    one reading as many channels as the depthwise convolution called just before it makes."""
+    return {id(b) for a, b in zip(convs, convs[1:])
+            if _is_depthwise(a) and not _is_depthwise(b) and all(k == 1 for k in b.kernel_size)
+            and b.in_channels == a.out_channels}
+
+
+def plain_units(graph: fx.Graph, modules: dict[str, nn.Module], pointwise: set[int] = frozenset()) -> list[After]:
+    """The SE places of ``graph`` (one module's forward, shapes propagated): after each non-linearity that follows
+    a convolution, but a depthwise one's; ``pointwise`` (ids from :func:`pointwise_after_depthwise`) marks the ones
+    that end a depthwise separable convolution."""
+    found = []
+    for node in graph.nodes:
+        conv = _conv_of(node, modules)
+        if conv is None or _is_depthwise(conv):
+            continue
+        step = node
+        while len(step.users) == 1:
+            step = next(iter(step.users))
+            child = norm_act_child(modules[step.target]) if step.op == "call_module" else None
+            if child is not None or _is_activation(step, modules):
+                shape = _shape(step)
+                if shape is not None and len(shape) >= 3:
+                    found.append(After(step, int(shape[1]), "plain", child, id(conv) in pointwise))
+                break
+            if not _passes(step, modules):
+                break
+    return found
