@@ -52,7 +52,8 @@ def _activation_module(module: nn.Module) -> bool:
 
 def norm_act_child(module: nn.Module) -> str | None:
     """The name of a norm-act module's activation child (timm's ``BatchNormAct2d.act``), if ``module`` is one."""
-    if learned_layers(module) or not (is_layer(module, LayerKind.NORM) or isinstance(module, nn.modules.batchnorm._NormBase)):
+    norm = is_layer(module, LayerKind.NORM) or isinstance(module, nn.modules.batchnorm._NormBase)
+    if learned_layers(module) or not norm:
         return None
     act = getattr(module, "act", None)
     if isinstance(act, nn.Module) and not isinstance(act, nn.Identity) and _activation_module(act):
@@ -66,7 +67,8 @@ def _is_depthwise(conv: nn.modules.conv._ConvNd | bool) -> bool:
 
 def _passes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A step between a convolution and its non-linearity: a norm, drop-out or identity."""
-    return _is_norm_or_pass_through(node, modules) or (node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS)
+    functional = node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS
+    return _is_norm_or_pass_through(node, modules) or functional
 
 
 def pointwise_after_depthwise(convs: list[nn.modules.conv._ConvNd]) -> set[int]:

@@ -27,10 +27,10 @@ from ..paper import paper_stage
 from .attach import resolution_names, site_for
 from .concat import After, concat_units
 from .config import SEConfig
-from .layer_types import LayerKind, is_layer
 from .inputs import check_example, check_model, example_for, leaf_names
-from .plain import plain_units, pointwise_after_depthwise
+from .layer_types import LayerKind, is_layer
 from .naming import paper_names_for, se_children, se_name
+from .plain import plain_units, pointwise_after_depthwise
 from .positions import POSITIONS, Placement, place
 from .probe import Probe, probe_sums
 from .refusals import grouped, no_unit
