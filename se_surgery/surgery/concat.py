@@ -4,7 +4,8 @@ The rule, checkable by hand on one block's forward:
 
 1. **Inception.** A concatenation along dim 1 of parallel branches (at least one carries a learned layer, the
    others may pool; none is the block's input carried forward) gets one SE on its output: F_tr is "an entire
-   Inception module" (Fig. 2). GoogLeNet, Inception-v3/v4, SqueezeNet's Fire modules and ShuffleNetV2's down-sampling units are such.
+   Inception module" (Fig. 2). GoogLeNet, Inception-v3/v4, SqueezeNet's Fire modules and ShuffleNetV2's
+   down-sampling units are such.
 2. **Dense / shuffle.** A concatenation that carries the block's input, or a channel piece of it, forward unchanged
    beside new features is that network's identity path (DenseNet's dense connectivity, ShuffleNetV2's channel split):
    the SE goes on each operand that carries learned layers, before the merge, as on a residual branch (Fig. 3), so
