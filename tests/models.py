@@ -2,6 +2,7 @@
 tiny SE networks with torchvision's or timm's SE blocks (the analysis's)."""
 
 import torch
+import torch.nn.functional as F
 from timm.layers import SEModule
 from torch import nn
 from torchvision.ops import SqueezeExcitation
@@ -177,3 +178,135 @@ class TinySENet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.layer2(self.layer1(x)).mean((2, 3)))
+
+
+# ---- plain and multi-branch networks (SENet Sec. 3.3) ------------------------------------------------------------
+
+
+class TinyVGG(nn.Module):
+    """A VGG in miniature: ``features`` is a Sequential of conv (+ BN) + ReLU, pools between; 3 convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def separable(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """MobileNet's depthwise separable convolution: depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )
+
+
+class TinyMobileNet(nn.Module):
+    """A MobileNetV1 in miniature: a standard-conv stem, then three depthwise separable units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        self.units = nn.Sequential(separable(16, 32), separable(32, 64, 2), separable(64, 64))
+        self.fc = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.units(self.stem(x)).mean((2, 3)))
+
+
+class BasicConv(nn.Module):
+    """GoogLeNet's conv + BN + functional ReLU."""
+
+    def __init__(self, cin: int, cout: int, k: int = 1, **kwargs) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, k, bias=False, **kwargs), nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+class InceptionBlock(nn.Module):
+    """Four parallel branches joined along channels; the 3x3 branch splits into 1x3 and 3x1 halves first, as
+    Inception-v3's InceptionE does (an inner concatenation)."""
+
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.b1 = BasicConv(cin, 8)
+        self.b3 = BasicConv(cin, 8)
+        self.b3a, self.b3b = BasicConv(8, 8, (1, 3), padding=(0, 1)), BasicConv(8, 8, (3, 1), padding=(1, 0))
+        self.pool = BasicConv(cin, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b3 = self.b3(x)
+        b3 = torch.cat([self.b3a(b3), self.b3b(b3)], 1)
+        pooled = self.pool(F.avg_pool2d(x, 3, 1, 1))
+        return torch.cat([self.b1(x), b3, pooled], 1)
+
+
+class Reduction(nn.Module):
+    """Inception's grid reduction: a strided conv branch beside a max-pool of the input."""
+
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.conv = BasicConv(cin, 16, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.conv(x), F.max_pool2d(x, 3, 2, 1)], 1)
+
+
+class TinyInception(nn.Module):
+    """A GoogLeNet in miniature: a stem conv, two Inception modules around a reduction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = BasicConv(3, 16, 3, padding=1)
+        self.a, self.red, self.b = InceptionBlock(16), Reduction(32), InceptionBlock(48)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.b(self.red(self.a(self.stem(x)))).mean((2, 3)))
+
+
+class DenseLayer(nn.Module):
+    """DenseNet's layer: BN-ReLU-conv on the concatenation of every earlier feature map, k = 8 new channels."""
+
+    def __init__(self, cin: int, growth: int = 8) -> None:
+        super().__init__()
+        self.norm, self.relu = nn.BatchNorm2d(cin), nn.ReLU()
+        self.conv = nn.Conv2d(cin, growth, 3, padding=1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.conv(self.relu(self.norm(torch.cat(features, 1))))
+
+
+class DenseBlock(nn.ModuleDict):
+    """DenseNet's block: each layer reads all earlier maps; the output joins them all (torchvision's layout)."""
+
+    def __init__(self, cin: int, layers: int = 3, growth: int = 8) -> None:
+        super().__init__({f"layer{i + 1}": DenseLayer(cin + i * growth, growth) for i in range(layers)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+def tiny_densenet() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), DenseBlock(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(40, 5))
+
+
+class TappedBlock(PlusBlock):
+    """A residual block whose class computes its sum in a second method too, as timm's XceptionModule does with
+    ``forward_with_tap`` (which its ``forward_intermediates`` calls)."""
+
+    def forward_with_tap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tap = self.f(x)
+        return torch.relu(x + tap), tap

@@ -11,7 +11,9 @@ the SE in the forward that calls it, as for a residual unit; a container's forwa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List
 
+import torch
 from torch import fx, nn
 
 from ..errors import SurgeryError
@@ -41,12 +43,18 @@ def _qualified(owner: str, target: str) -> str:
     return f"{owner}.{target}" if owner else target
 
 
-def _holder(name: str, module: nn.Module, unit: After) -> Site | None:
-    """``module`` as the holder of ``unit``'s SE: its traced forward, the SE before its output; None if it cannot."""
+def _holder(name: str, module: nn.Module, unit: After, received: tuple | None) -> Site | None:
+    """``module`` as the holder of ``unit``'s SE: its traced forward, the SE before its output; None if it cannot.
+    ``received``: the positional arguments it was called with; one that was a list of tensors (a DenseNet layer's
+    features) is annotated so, as TorchScript needs (fx writes the original annotation, often ``Tensor``)."""
     try:
         graph = trace_module(module, name)
     except SurgeryError:
         return None
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, received or ()):
+        if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+            node.type = List[torch.Tensor]
     (output,) = [n for n in graph.nodes if n.op == "output"]
     value = output.args[0]
     if not isinstance(value, fx.Node) or value.op == "placeholder":
@@ -55,15 +63,16 @@ def _holder(name: str, module: nn.Module, unit: After) -> Site | None:
 
 
 def site_for(owner: str, graph: fx.Graph, unit: After, modules: dict[str, nn.Module], calls: dict[str, int],
-             leaves: set[str]) -> Site | Skipped:
-    """Where ``unit``'s SE goes: in the module that made its tensor (a holder), else in ``owner``'s forward."""
+             leaves: set[str], inputs: dict[str, tuple[tuple, dict]]) -> Site | Skipped:
+    """Where ``unit``'s SE goes: in the module that made its tensor (a holder), else in ``owner``'s forward.
+    ``calls`` and ``inputs``: each module's number of calls and first arguments, as the probe saw them."""
     node = unit.node
     if node.op == "call_module":
         name = _qualified(_qualified(owner, node.target), unit.inside) if unit.inside else _qualified(owner,
                                                                                                      node.target)
         module = modules[name]
         if calls.get(name, 0) == 1 and name not in leaves and not isinstance(module, CONTAINERS):
-            held = _holder(name, module, unit)
+            held = _holder(name, module, unit, inputs.get(name, ((), {}))[0])
             if held is not None:
                 return held
     if isinstance(modules[owner], CONTAINERS):

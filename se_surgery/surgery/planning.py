@@ -14,8 +14,10 @@ from __future__ import annotations
 import copy
 import enum
 import functools
+import inspect
 import logging
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
@@ -237,6 +239,7 @@ def _plan_residual(model, modules, probe, chosen, where, leaves, autowrap_functi
     return planned, skips, untraced, graphs, order
 
 
+_BY_DESIGN = {SkipKind.INNER_CONCAT, SkipKind.OUTSIDE_UNITS, SkipKind.NO_BRANCHES}  # the rule's own choices
 _KINDS = {"plain": UnitKind.PLAIN, "inception": UnitKind.BRANCHES, "dense": UnitKind.DENSE}
 
 
@@ -268,7 +271,7 @@ def _plan_attached(model, modules, probe, chosen, where, leaves, autowrap_functi
     sites, held = [], []
     for owner, (graph, afters) in found.items():
         for after in afters:
-            site = site_for(owner, graph, after, modules, probe.calls, leaves)
+            site = site_for(owner, graph, after, modules, probe.calls, leaves, probe.inputs)
             if isinstance(site, Skipped):
                 skipped.append((owner, site))
             elif se_children(modules[site.module]):
@@ -287,8 +290,9 @@ def _plan_attached(model, modules, probe, chosen, where, leaves, autowrap_functi
                            + ", ".join(f"{o} ({p})" for o, p in paper.items()))
     planned, graphs, order, narrow = _attached_units(sites, chosen, modules, paper, strict)
     skipped += held + narrow
-    if skipped or untraced:
-        logger.warning("add_se skipped %s", grouped(skipped, untraced))
+    lost = [(o, s) for o, s in skipped if s.kind not in _BY_DESIGN]  # the plan's table still lists the others
+    if lost or untraced:
+        logger.warning("add_se skipped %s", grouped(lost, untraced))
     if not planned:
         raise SurgeryError(f"no unit of {name} is wide enough for r={chosen.reduction}: {grouped(skipped)}.")
     skips = [_skip(o, s) for o, s in skipped] + [_skip(o, s, SkipKind.NOT_SELECTED) for o, s in excluded]
@@ -471,6 +475,14 @@ def _placements(
     placed: dict[str, list[Placement]] = {}
     skipped: list[tuple[str, Skipped]] = []
     for owner, (graph, found) in units.items():
+        others = other_paths(modules[owner], found)
+        if others:
+            skipped.extend((owner, Skipped(unit.add, SkipKind.OTHER_PATHS,
+                                           f"its class computes the block in {', '.join(others)} too (timm's "
+                                           "features_only / forward_intermediates call it), which would run without "
+                                           "the SE; add_se edits only forward, so it leaves this block as it is"))
+                           for unit in found)
+            continue
         # SE-POST / PRE / Identity sit off the branch, where the gate rule cannot see them
         if se_children(modules[owner]):
             skipped.extend((owner, Skipped(unit.add, SkipKind.HOLDS_SE, "its block already holds an SE from add_se"))
@@ -488,7 +500,7 @@ def _placements(
                 placed.setdefault(owner, []).append(verdict)
     if skipped:
         logger.warning("add_se(position=%r) skipped %s", config.position, grouped(skipped))
-    if not placed and all(skip.kind is SkipKind.HOLDS_SE for _, skip in skipped):
+    if not placed and all(skip.kind in (SkipKind.HOLDS_SE, SkipKind.OTHER_PATHS) for _, skip in skipped):
         raise SurgeryError(f"no residual sum can take an SE: {grouped(skipped)}")
     if not placed:
         raise SurgeryError(
@@ -496,6 +508,26 @@ def _placements(
             f"another position ({', '.join(map(repr, POSITIONS))}) or other blocks with where=."
         )
     return placed, skipped
+
+
+def other_paths(module: nn.Module, found: list[Residual]) -> list[str]:
+    """The methods of ``module``'s class other than ``forward`` (``forward_*``) that call a layer of one of the
+    ``found`` units' branches: another way through the block, which an SE put into ``forward`` would miss."""
+    branch = {n.target.split(".")[0] for unit in found for n in unit.path if n.op == "call_module"}
+    names = []
+    for cls in type(module).__mro__:
+        if cls is nn.Module or not issubclass(cls, nn.Module) or "_se_surgery_base" in vars(cls):
+            continue
+        for name, method in vars(cls).items():
+            if not (name.startswith("forward_") and callable(method)) or name in names:
+                continue
+            try:
+                source = inspect.getsource(method)
+            except (OSError, TypeError):
+                continue
+            if any(re.search(rf"self\.{re.escape(child)}\b", source) for child in branch):
+                names.append(name)
+    return names
 
 
 def _units(owner: str, placements: list[Placement], config: SEConfig, modules: dict, paper: dict) -> list[Unit]:

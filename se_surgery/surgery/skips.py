@@ -29,6 +29,7 @@ class SkipKind(enum.Enum):
     NOT_SELECTED = "not selected"  # left out by where=
     INNER_CONCAT = "inner concat"  # a concatenation inside another one of the same block (Inception-v3's InceptionE)
     NO_BRANCHES = "no branches"  # a concatenation without parallel learned branches (a class token, an input transform)
+    OTHER_PATHS = "other paths"  # the block's class computes it in another method too (timm's forward_with_tap)
     OUTSIDE_UNITS = "outside units"  # a plain conv outside a network's depthwise separable units (MobileNet's stem)
     CONTAINER = "container"  # the SE would have to go into an nn.Sequential / ModuleList / ModuleDict's own forward
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import linecache
+import re
 import types
 from typing import Any
 
@@ -44,13 +45,25 @@ def _resolved(globals_: dict[str, Any]) -> dict[str, Any]:
     return {k: importlib.import_module(v.name) if isinstance(v, _ModuleRef) else v for k, v in globals_.items()}
 
 
+_ASSERT_NONE = re.compile(r"(_assert_is_none\w*) = torch\.fx\._symbolic_trace\._assert_is_none\((\w+), ('[^'\n]*')\);"
+                          r"  \2 = \1 = None")
+
+
+def scriptable(src: str) -> str:
+    """fx's check that an argument fixed to None stays None, as a plain ``assert``, which TorchScript compiles (it
+    cannot compile fx's ``_assert_is_none``, which timm's DLA blocks, traced with ``children=None``, hold)."""
+    return _ASSERT_NONE.sub(r"assert \2 is None, \3", src)
+
+
 def _compile_forward(src: str, globals_: dict[str, Any]):
     filename = f"<se_surgery generated forward {next(_FILES)}>"
     # mtime None: linecache.checkcache never drops it, so inspect.getsource (TorchScript, tracebacks) finds it.
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     namespace = dict(globals_)
     exec(compile(src, filename, "exec", dont_inherit=True), namespace)  # dont_inherit: keep real annotations
-    return namespace["forward"]
+    forward = namespace["forward"]
+    forward.__module__ = __name__  # TorchScript looks up a method's overloads by its module's name
+    return forward
 
 
 def _reduce_ex(self: nn.Module, protocol: int):
@@ -111,7 +124,7 @@ def install_forward(block: nn.Module, graph: fx.Graph) -> None:
     called = frozenset(n.target for n in graph.nodes if n.op == "call_module")
     info = getattr(graph._codegen, "pytree_info", None)
     specs = (info.in_spec, info.out_spec) if info is not None else None
-    block.__class__ = _class_for(original_class(block), code.src, code.globals, called, specs)
+    block.__class__ = _class_for(original_class(block), scriptable(code.src), code.globals, called, specs)
 
 
 def restore(block: nn.Module) -> None:

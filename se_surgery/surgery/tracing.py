@@ -94,7 +94,23 @@ def trace_module(
             f"autowrap_functions=[that_function]."
         ) from err
     _refuse_mode_dependent(module, name, graph, autowrap_functions, concrete_args)
+    if concrete_args:
+        _keep_annotations(module, graph, concrete_args)
     return graph
+
+
+def _keep_annotations(module: nn.Module, graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """Give an argument fixed to None its annotation back (fx drops it), so TorchScript reads ``children=None`` of
+    type ``Optional[List[Tensor]]`` rather than a Tensor."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for param, node in zip(params, placeholders):
+        fixed = concrete_args.get(param.name, PH)
+        if fixed is None and node.type is None and param.annotation is not inspect.Parameter.empty:
+            node.type = param.annotation
 
 
 def _first_line(err: Exception) -> str:
