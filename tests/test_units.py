@@ -10,8 +10,8 @@ import torchvision
 from torch import nn
 
 from se_surgery import add_se, paper_names, plan, remove_se, se_blocks
-from se_surgery.surgery import SkipKind, UnitKind
 from se_surgery.errors import SurgeryError
+from se_surgery.surgery import SkipKind, UnitKind
 
 from .models import PlusBlock, TappedBlock, TinyInception, TinyMobileNet, TinyVGG, tiny_densenet
 
