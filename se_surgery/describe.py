@@ -1,10 +1,13 @@
 """``python -m se_surgery.describe resnet50``: what add_se would do to a model, and its cost beside the paper's.
 
 It prints the plan (:func:`se_surgery.plan`: one row per SE block, then what is skipped and why), then the SE model's
-parameters and multiply-adds next to its base and, for the paper's ResNets, Table 2. The options are
-:func:`se_surgery.add_se`'s (``--reduction``, ``--where``, ``--position``, ``--squeeze``, ``--excitation``,
-``--no-bias``); ``--paper-tables`` prints the cost columns of the paper's ablation Tables 10, 13, 15 and 16 for
-ResNet-50, ours beside the paper's. ``python -m se_surgery.summary`` is the same command's deprecated name.
+parameters and multiply-adds next to its base, counted two ways (conv + linear, and the paper's way, which adds one
+pass of each SE's squeeze: :mod:`se_surgery.surgery.cost`), and, for the networks of the paper's Tables 2-3, the
+paper's figures. ``--input-size`` is an image side (``224``) or a channels-first shape (``3,16,112,112``,
+``1,16000``). The options are :func:`se_surgery.add_se`'s (``--reduction``, ``--where``, ``--position``,
+``--squeeze``, ``--excitation``, ``--no-bias``); ``--paper-tables`` prints the cost columns of the paper's ablation
+Tables 10, 13, 15 and 16 for ResNet-50 and its Tables 2 and 3, ours beside the paper's. ``python -m
+se_surgery.summary`` is the same command's deprecated name.
 """
 
 from __future__ import annotations
@@ -67,9 +70,6 @@ def _input_size(text: str) -> tuple[int, ...]:
         if values[0] < 1:
             raise SurgeryError(f"--input-size {text} must be a positive integer: pass e.g. --input-size 224")
         return (1, 3, values[0], values[0])
-    if len(values) < 2:
-        raise SurgeryError(f"--input-size {text} names the channels only: add the spatial sizes, e.g. "
-                           f"--input-size {values[0]},224,224")
     if min(values) < 1:
         raise SurgeryError(f"--input-size {text} must hold positive integers only: {_SIZE_FIX}")
     return (1, *values)
