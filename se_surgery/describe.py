@@ -1,15 +1,18 @@
 """``python -m se_surgery.describe resnet50``: what add_se would do to a model, and its cost beside the paper's.
 
 It prints the plan (:func:`se_surgery.plan`: one row per SE block, then what is skipped and why), then the SE model's
-parameters and multiply-adds next to its base and, for the paper's ResNets, Table 2. The options are
-:func:`se_surgery.add_se`'s (``--reduction``, ``--where``, ``--position``, ``--squeeze``, ``--excitation``,
-``--no-bias``); ``--paper-tables`` prints the cost columns of the paper's ablation Tables 10, 13, 15 and 16 for
-ResNet-50, ours beside the paper's. ``python -m se_surgery.summary`` is the same command's deprecated name.
+parameters and multiply-adds next to its base, counted two ways (conv + linear, and the paper's way, which adds one
+pass of each SE's squeeze: :mod:`se_surgery.surgery.cost`), and, for the networks of the paper's Tables 2-3, the
+paper's figures. ``--input-size`` is an image side (``224``) or a channels-first shape (``3,16,112,112``,
+``1,16000``). The options are :func:`se_surgery.add_se`'s (``--reduction``, ``--where``, ``--position``,
+``--squeeze``, ``--excitation``, ``--no-bias``); ``--paper-tables`` prints the cost columns of the paper's ablation
+Tables 10, 13, 15 and 16 for ResNet-50 and its Tables 2 and 3, ours beside the paper's. ``python -m
+se_surgery.summary`` is the same command's deprecated name.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -18,9 +21,9 @@ from .archs import split_arch
 from .cli import ArgumentParser, run_cli
 from .errors import SurgeryError
 from .modes import eval_mode
-from .paper import TABLE2
+from .paper import TABLE2, TABLE3, TABLE_UNITS, ReportedCost
 from .surgery import SEConfig, apply_plan, plan
-from .surgery.cost import Summary, paper_tables, summary
+from .surgery.cost import NetworkCost, Summary, format_columns, network_cost, paper_tables, summary
 
 __all__ = ["main"]
 
@@ -34,7 +37,7 @@ def _where(text: str) -> list[int | str]:
     return [int(item) if item.strip().isdigit() else item.strip() for item in text.split(",") if item.strip()]
 
 
-def _base(arch: str):
+def _base(arch: str, **kwargs: Any):
     source, name = split_arch(arch)
     if source == "timm":
         try:
@@ -43,29 +46,156 @@ def _base(arch: str):
             raise SurgeryError(f"{arch} needs timm (pip install timm)") from None
         if name not in timm.list_models():
             raise SurgeryError(f"unknown timm model {name!r}: pick a name from timm.list_models()")
-        return lambda: timm.create_model(name)
+        return lambda: timm.create_model(name, **kwargs)
     from torchvision.models import get_model, list_models
 
     if arch not in list_models():
         raise SurgeryError(f"unknown arch {arch!r}; try one of: resnet50, resnext50_32x4d, mobilenet_v2, "
                            "convnext_tiny, timm:resnet50")
-    return lambda: get_model(arch)
+    return lambda: get_model(arch, **kwargs)
 
 
-def _print_paper_tables(rows: list[dict[str, Any]], size: int) -> None:
-    print(f"SENet ablation costs on ResNet-50, {size}x{size} input: ours (exact) beside the paper's (rounded)\n")
-    print(f"{'':30}{'params':>14}{'paper':>9}{'GMACs':>9}{'paper GFLOPs':>14}")
-    table = None
+_SIZE_FIX = ("pass an image side (--input-size 224) or a channels-first shape C,SIZE[,SIZE...] "
+             "(--input-size 3,16,112,112 for video, 1,16000 for audio)")
+
+
+def _input_size(text: str) -> tuple[int, ...]:
+    """``--input-size``: ``"224"`` -> ``(1, 3, 224, 224)`` (a square RGB image); ``"3,16,112,112"`` (video),
+    ``"1,16000"`` (audio): a channels-first shape, to which batch 1 is added."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.lstrip("+-").isdigit() for item in items):
+        raise SurgeryError(f"--input-size {text!r} is not a size: {_SIZE_FIX}")
+    values = [int(item) for item in items]
+    if "," not in text:
+        if values[0] < 1:
+            raise SurgeryError(f"--input-size {text} must be a positive integer: pass e.g. --input-size 224")
+        return (1, 3, values[0], values[0])
+    if min(values) < 1:
+        raise SurgeryError(f"--input-size {text} must hold positive integers only: {_SIZE_FIX}")
+    return (1, *values)
+
+
+def _shape_words(size: tuple[int, ...]) -> str:
+    """``(1, 3, 224, 224)`` -> ``"224x224"``; other shapes as C x sizes: ``(1, 1, 16000)`` -> ``"1x16000"``."""
+    return "x".join(map(str, size[2:] if len(size) == 4 and size[1] == 3 else size[1:]))
+
+
+class _Row(NamedTuple):
+    """A row of the paper's Table 2 or 3 and the torchvision / timm model we count for it."""
+
+    table: str
+    network: str  # the paper's row name, a key of TABLE2 / TABLE3
+    arch: str  # what _base builds
+    label: str = ""  # how the model differs from the paper's network
+    side: int = 224  # the paper's input side in pixels
+    probe: int | None = None  # the side add_se probes at, where its default (64) is too small for the model
+    kwargs: dict[str, Any] = {}  # for the model's builder
+
+
+_V15 = "torchvision's v1.5 (stride in the 3x3 conv); the paper's are the original"
+_NETWORK_ROWS = [
+    _Row("Table 2", "ResNet-50", "resnet50", _V15),
+    _Row("Table 2", "ResNet-101", "resnet101", _V15),
+    _Row("Table 2", "ResNet-152", "resnet152", _V15),
+    _Row("Table 2", "ResNeXt-50", "resnext50_32x4d"),
+    _Row("Table 2", "ResNeXt-101", "timm:resnext101_32x4d"),
+    _Row("Table 2", "VGG-16", "vgg16_bn", "VGG-16 with BN"),
+    _Row("Table 2", "BN-Inception", "googlenet", "torchvision's GoogLeNet (with BN, no auxiliary heads): not the "
+         "paper's BN-Inception, which neither torchvision nor timm has",
+         kwargs={"aux_logits": False, "init_weights": False}),
+    _Row("Table 2", "Inception-ResNet-v2", "timm:inception_resnet_v2", "at 299x299, as in the paper", 299, 96),
+    _Row("Table 3", "MobileNet", "timm:mobilenetv1_100", "MobileNet 1.0"),
+    _Row("Table 3", "ShuffleNet", "shufflenet_v2_x1_0", "ShuffleNetV2 1.0x: not the paper's ShuffleNet (v1), which "
+         "neither torchvision nor timm has"),
+]
+"""Every Table 2-3 row, with the closest torchvision / timm model (the paper's own where one exists)."""
+
+_TITLES = {
+    "Table 2": "Table 2: the networks and their SE versions, r = 16 (multiply-adds in G)",
+    "Table 3": "Table 3: the mobile networks and their SE versions, r = 16 (multiply-adds in M)",
+}
+
+
+def _reported(row: _Row) -> ReportedCost:
+    return (TABLE2 if row.table == "Table 2" else TABLE3)[row.network]
+
+
+def _pair(base: float | None, se: float | None, digits: int) -> str:
+    """``"4.09 -> 4.10"``; a missing SE value (the surgery refused the network) is ``"-"``."""
+    def one(value: float | None) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+    return f"{one(base)} -> {one(se)}"
+
+
+def network_table(rows: list[_Row], costs: list[NetworkCost]) -> str:
+    """Table 2 or 3 (every row of ``rows`` from one table), ours beside the paper's; under it a note per row whose
+    model differs from the paper's network or whose surgery was refused."""
+    unit = TABLE_UNITS[rows[0].table]
+    scale, digits, paper_digits = (1e9, 3, 2) if unit == "G" else (1e6, 1, 0)
+    cells = [["network", "model", "SE", "params (M)", "paper", f"{unit}MACs", "paper's way", f"paper {unit}FLOPs"]]
+    notes: list[str] = []
+    labels: dict[str, list[str]] = {}
+    for row, cost in zip(rows, costs):
+        paper = _reported(row)
+        se_params = None if cost.params_se is None else cost.params_se / 1e6
+        macs_se = None if cost.macs_se is None else cost.macs_se / scale
+        paper_se = None if cost.paper_macs_se is None else cost.paper_macs_se / scale
+        cells.append([
+            row.network, row.arch, "-" if cost.se_blocks is None else str(cost.se_blocks),
+            _pair(cost.params_base / 1e6, se_params, 1), _pair(*paper.params_m, 1) if paper.params_m else "-",
+            _pair(cost.macs_base / scale, macs_se, digits), _pair(cost.paper_macs_base / scale, paper_se, digits),
+            _pair(*paper.flops, paper_digits),
+        ])
+        if row.label:
+            labels.setdefault(row.label, []).append(f"{row.network} ({row.arch})")
+        if cost.refusal is not None:
+            notes.append(f"  {row.network}: no SE columns: add_se refuses {row.arch} ({cost.refusal})")
+    notes[:0] = [f"  {', '.join(networks)}: {label}" for label, networks in labels.items()]
+    return "\n".join([_TITLES[rows[0].table], format_columns(cells, left=2), *notes])
+
+
+def row_cost(row: _Row) -> NetworkCost:
+    """Our cost of one Table 2-3 row: its model and SE version at the paper's input size (r = 16)."""
+    probe = {} if row.probe is None else {"example_input": torch.zeros(2, 3, row.probe, row.probe)}
+    return network_cost(_base(row.arch, **row.kwargs), (1, 3, row.side, row.side), **probe)
+
+
+def _print_network_tables() -> None:
+    for table in _TITLES:
+        rows = [row for row in _NETWORK_ROWS if row.table == table]
+        print("\n" + network_table(rows, [row_cost(row) for row in rows]))
+    print(
+        "\nMultiply-adds (MACs) count convolutions and linear layers; the paper's way adds one pass of each SE's\n"
+        "squeeze pooling (C x H x W adds per SE block), which is what the paper's FLOPs fit (Table 3: 569 -> 572 M).\n"
+        "A row whose SE columns read - is one add_se refuses."
+    )
+
+
+def _print_paper_tables(rows: list[dict[str, Any]], size: tuple[int, ...]) -> None:
+    print(f"SENet ablation costs on ResNet-50, {_shape_words(size)} input: ours (exact) beside the paper's (rounded)\n")
+    cells, table = [["", "params", "paper", "GMACs", "paper's way", "paper GFLOPs"]], None
     for row in rows:
         if row["table"] != table:
             table = row["table"]
-            print(table)
-        macs = f"{row['macs'] / 1e9:>9.2f}{row['paper GFLOPs']:>14.2f}" if row["macs"] is not None else ""
-        print(f"  {row['variant']:28}{row['params']:>14,}{row['paper params (M)']:>8.1f}M{macs}")
+            cells.append([table])
+        macs, paper_way = row["macs"], row["paper's way"]
+        counts = [f"{macs / 1e9:.3f}", f"{paper_way / 1e9:.3f}", f"{row['paper GFLOPs']:.2f}"] if macs else []
+        cells.append([f"  {row['variant']}", f"{row['params']:,}", f"{row['paper params (M)']:.1f}M", *counts])
+    print(_ablation_columns(cells))
     print(
-        "\nMultiply-adds count convolutions and linear layers; torchvision's ResNet-50 is v1.5 (4.09 GMACs), the\n"
-        "paper's the original (3.86), so compare the differences: NoSqueeze adds +0.41 G in both."
+        "\nMultiply-adds count convolutions and linear layers, the paper's count also one pass of each SE's squeeze;\n"
+        "torchvision's ResNet-50 is v1.5 (4.09 GMACs), the paper's the original (3.86), so compare the differences:\n"
+        "NoSqueeze adds +0.41 G in both."
     )
+
+
+def _ablation_columns(cells: list[list[str]]) -> str:
+    """The ablation rows in columns; a table's title line (one cell) spans the row instead of widening column 1."""
+    body = format_columns([row for row in cells if len(row) > 1]).splitlines()
+    lines, rows = [], iter(body)
+    for row in cells:
+        lines.append(row[0] if len(row) == 1 else next(rows))
+    return "\n".join(lines)
 
 
 def _describe(arch: str, model: nn.Module, size: tuple[int, ...], **options: Any) -> tuple[str, Summary]:
@@ -75,9 +205,10 @@ def _describe(arch: str, model: nn.Module, size: tuple[int, ...], **options: Any
             model(torch.zeros(size))
     except Exception as err:
         gist = str(err).strip().splitlines()[0].rstrip(".!") if str(err).strip() else type(err).__name__
+        what = f"{size[-1]}x{size[-1]} images" if len(size) == 4 and size[1] == 3 else f"a {_shape_words(size)} input"
         raise SurgeryError(
-            f"{arch} ({type(model).__name__}) does not run on {size[-1]}x{size[-1]} images ({gist}): pass the "
-            f"--input-size it takes, e.g. --input-size 224"
+            f"{arch} ({type(model).__name__}) does not run on {what} ({gist}): pass the --input-size it takes, e.g. "
+            "--input-size 224 (images), 1,16000 (audio) or 3,16,112,112 (video)"
         ) from None
     try:
         # batch 2, as add_se's own probe: a broadcast over the batch never looks like a residual sum
@@ -115,39 +246,36 @@ def _main(argv: list[str] | None) -> None:
         help = f"{SEConfig.__dataclass_fields__[name].metadata['help']} (default {defaults[name]})"
         parser.add_argument(f"--{name}", choices=choices[name], default=defaults[name], help=help)
     parser.add_argument("--no-bias", dest="bias", action="store_false", help="FC layers without bias (ablations)")
-    parser.add_argument("--input-size", type=int, default=224, help="image side in pixels (default 224)")
+    parser.add_argument("--input-size", default=None,
+                        help="an image side in pixels (default 224), or a channels-first shape C,SIZE[,SIZE...]: "
+                        "3,16,112,112 for video, 1,16000 for audio")
     parser.add_argument("--paper-tables", action="store_true",
-                        help="print Tables 10, 13, 15 and 16's costs, ours beside the paper's (resnet50 only)")
+                        help="print Tables 10, 13, 15 and 16's costs on ResNet-50 (at --input-size) and Tables 2 and "
+                        "3 (at the paper's sizes), ours beside the paper's")
     args = parser.parse_args(argv)
-    for flag, value, example in (("--input-size", args.input_size, 224), ("--reduction", args.reduction, 16)):
-        if value < 1:
-            raise SurgeryError(f"{flag} {value} must be a positive integer: pass e.g. {flag} {example}")
+    size = _input_size(args.input_size or "224")
+    if args.reduction < 1:
+        raise SurgeryError(f"--reduction {args.reduction} must be a positive integer: pass e.g. --reduction 16")
     make_base = _base(args.arch)
-    size = (1, 3, args.input_size, args.input_size)
     if args.paper_tables:
         if args.arch != "resnet50":
             raise SurgeryError("--paper-tables reproduces the paper's ResNet-50 ablations: use arch resnet50")
-        _print_paper_tables(paper_tables(make_base, size), args.input_size)
+        _print_paper_tables(paper_tables(make_base, size), size)
+        _print_network_tables()
         return
     options = {"where": args.where, "position": args.position, "squeeze": args.squeeze,
                "excitation": args.excitation, "bias": args.bias}
     table, result = _describe(args.arch, make_base(), size, reduction=args.reduction, **options)
     changed = ", ".join(f"{k}={v}" for k, v in options.items() if parser.get_default(k) != v)
     print(f"{args.arch} -> SE-{args.arch}, r={args.reduction}{', ' + changed if changed else ''}, "
-          f"{args.input_size}x{args.input_size} input\n")
+          f"{_shape_words(size)} input\n")
     print(table + "\n")
     print(result)
-    if args.arch in TABLE2 and args.reduction == 16 and args.input_size == 224 and not changed:
-        (p0, p1), (g0, g1) = TABLE2[args.arch]["params"], TABLE2[args.arch]["gmacs"]
-        print(
-            f"\n{'':14}{'ours':>22}{'paper (SENet Table 2)':>26}\n"
-            f"{'params (M)':14}{result.params_base / 1e6:>10.1f} -> {result.params_se / 1e6:<8.1f}"
-            f"{p0:>14.1f} -> {p1:.1f}\n"
-            f"{'GMACs':14}{result.macs_base / 1e9:>10.2f} -> {result.macs_se / 1e9:<8.2f}{g0:>14.2f} -> {g1:.2f}\n"
-            "Multiply-adds here count convolutions and linear layers (torch's flop counter); the paper's +0.26%\n"
-            "also counts the SE's pooling and channel-wise scaling. The base counts differ because torchvision's\n"
-            "ResNets are v1.5 (stride in the 3x3 conv, 4.09 GMACs), the paper's the original (3.86)."
-        )
+    row = next((row for row in _NETWORK_ROWS if row.arch == args.arch), None)
+    if row is not None and args.reduction == 16 and size == (1, 3, row.side, row.side) and not changed:
+        cost = NetworkCost(result.se_blocks, result.params_base, result.params_se, result.macs_base, result.macs_se,
+                           result.paper_macs_base, result.paper_macs_se)
+        print("\n" + network_table([row], [cost]))
 
 
 if __name__ == "__main__":

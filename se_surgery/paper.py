@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "PaperName", "format_paper_name", "parse_paper_name", "paper_stage",
-    "TABLE2", "Reported", "AblationTable", "RESNET50", "SE_RESNET50", "ABLATIONS", "COST_TABLES",
+    "TABLE2", "TABLE3", "TABLE_UNITS", "ReportedCost", "Reported", "AblationTable", "RESNET50", "SE_RESNET50",
+    "ABLATIONS", "COST_TABLES",
     "PER_CLASS", "CHANNELS",
 ]
 
@@ -75,12 +76,36 @@ RESNET50 = Reported(25.6, 3.86)
 SE_RESNET50 = Reported(28.1, 3.87, 22.28)
 """The standard SE-ResNet-50 of the ablations (r = 16, SE on every block's residual branch)."""
 
-TABLE2: dict[str, dict[str, tuple[float, float]]] = {
-    "resnet50": {"params": (RESNET50.params_m, SE_RESNET50.params_m), "gmacs": (RESNET50.gflops, SE_RESNET50.gflops)},
-    "resnet101": {"params": (44.5, 49.3), "gmacs": (7.58, 7.60)},
-    "resnet152": {"params": (60.2, 66.8), "gmacs": (11.30, 11.32)},
+
+class ReportedCost(NamedTuple):
+    """One row of Table 2 or 3: a network and its SE version (r = 16), as the paper reports them."""
+
+    flops: tuple[float, float]  # multiply-adds of one image, original -> SE, in the table's unit (``TABLE_UNITS``)
+    params_m: tuple[float, float] | None = None  # parameters (M), original -> SE, where the paper gives them
+
+
+TABLE2: dict[str, ReportedCost] = {
+    "ResNet-50": ReportedCost((RESNET50.gflops, SE_RESNET50.gflops), (RESNET50.params_m, SE_RESNET50.params_m)),
+    "ResNet-101": ReportedCost((7.58, 7.60), (44.5, 49.3)),
+    "ResNet-152": ReportedCost((11.30, 11.32), (60.2, 66.8)),
+    "ResNeXt-50": ReportedCost((4.24, 4.25)),
+    "ResNeXt-101": ReportedCost((7.99, 8.00)),
+    "VGG-16": ReportedCost((15.47, 15.48)),
+    "BN-Inception": ReportedCost((2.03, 2.04)),
+    "Inception-ResNet-v2": ReportedCost((11.75, 11.76)),
 }
-"""Table 2: parameters (M) and GFLOPs (multiply-adds) of the base network and its SE version, r = 16."""
+"""Table 2: GFLOPs (multiply-adds, 224 x 224; Inception-ResNet-v2 299 x 299) of each network and its SE version,
+r = 16, and their parameters (M) where given. ResNeXt is 32x4d."""
+
+TABLE3: dict[str, ReportedCost] = {
+    "MobileNet": ReportedCost((569, 572), (4.2, 4.7)),
+    "ShuffleNet": ReportedCost((140, 142), (1.8, 2.4)),
+}
+"""Table 3: MFLOPs (multiply-adds, 224 x 224) and parameters (M) of the mobile networks and their SE versions
+(MobileNet and ShuffleNet at width 1x)."""
+
+TABLE_UNITS: dict[str, str] = {"Table 2": "G", "Table 3": "M"}
+"""The unit of each cost table's FLOPs: giga for Table 2, mega for Table 3."""
 
 _SE_TOP1 = Reported(top1_err=SE_RESNET50.top1_err)  # the standard SE in a table that gives only errors
 

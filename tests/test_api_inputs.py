@@ -133,6 +133,29 @@ def test_summary_refuses_a_non_positive_input_size(capsys, size) -> None:
     assert f"--input-size {size} must be a positive integer: pass e.g. --input-size 224" in err
 
 
+@pytest.mark.parametrize("text, shape", [("224", (1, 3, 224, 224)), ("3,16,112,112", (1, 3, 16, 112, 112)),
+                                         ("1,16000", (1, 1, 16000)), (" 3, 32,32", (1, 3, 32, 32))])
+def test_summary_input_size_takes_an_image_side_or_any_channels_first_shape(text, shape) -> None:
+    assert summary_cli._input_size(text) == shape
+
+
+@pytest.mark.parametrize("size, message", [
+    ("x", "--input-size 'x' is not a size: pass an image side (--input-size 224) or a channels-first shape"),
+    ("2.5", "--input-size '2.5' is not a size"), ("3,", "--input-size '3,' is not a size"),
+    ("3,0,4", "--input-size 3,0,4 must hold positive integers only: pass an image side (--input-size 224)"),
+    ("1,-1", "--input-size 1,-1 must hold positive integers only"),
+])
+def test_summary_refuses_a_malformed_input_size_naming_the_forms(capsys, size, message) -> None:
+    err = summary_error(capsys, "resnet18", "--input-size", size)
+    assert message in err and "--input-size 3,16,112,112 for video, 1,16000 for audio" in err
+
+
+def test_summary_says_which_input_sizes_exist_when_a_model_refuses_a_shape(capsys) -> None:
+    err = summary_error(capsys, "resnet18", "--input-size", "1,16000")
+    assert "resnet18 (ResNet) does not run on a 1x16000 input (" in err
+    assert "pass the --input-size it takes, e.g. --input-size 224 (images), 1,16000 (audio) or 3,16,112,112" in err
+
+
 def test_summary_refuses_a_non_positive_reduction(capsys) -> None:
     assert "--reduction 0 must be a positive integer" in summary_error(capsys, "resnet18", "-r", "0")
 

@@ -13,7 +13,7 @@ describe = importlib.import_module("se_surgery.describe")
 @pytest.mark.parametrize("main, args, message", [
     (train_cli.main, ["--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
     (train_cli.main, ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (describe.main, ["resnet50", "--input-size", "x"], "argument --input-size: invalid int value: 'x'"),
+    (describe.main, ["resnet50", "--reduction", "x"], "argument --reduction/-r: invalid int value: 'x'"),
     (excitations.main, ["--ckpt", "a.pt", "--batch-size", "many"], "argument --batch-size: invalid int value"),
     (excitations.main, [], "one of the arguments --ckpt --model is required"),
     (ablations.main, ["--table", "nope"], "argument --table: invalid choice: 'nope'"),

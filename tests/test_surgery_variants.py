@@ -244,9 +244,121 @@ def test_summary_cli_takes_the_options_and_prints_the_paper_tables():
     cost = summary(torchvision.models.resnet18(), (1, 3, 32, 32), reduction=8, where=[3, 4], position="post",
                    squeeze="max", bias=False)
     assert "r=8, where=[3, 4], position=post, squeeze=max, bias=False, 32x32 input" in out
-    assert f"{cost.params_se:,}" in out and f"{cost.macs_se:,}" in out and "(4 SE blocks)" in out
+    assert f"{cost.params_se:,}" in out and f"{cost.macs_se:,}" in out and "(4 SE blocks;" in out
     tables = cli("resnet50", "--paper-tables", "--input-size", "64")
     for label, params, paper in [("r=2", 45_699_240, "45.7M"), ("SE stage 4", 26_349_992, "26.4M"),
                                  ("SE 3x3", 25_718_228, "25.8M"), ("NoSqueeze", 28_088_024, "28.1M")]:
         assert re.search(rf"{re.escape(label)}\s+{params:,}\s+{paper}", tables), label
     assert "Table 10" in tables and "Table 13" in tables and "Table 15" in tables and "Table 16" in tables
+    assert "\nTable 2: the networks" in tables and "\nTable 3: the mobile networks" in tables
+    assert re.search(r"ResNet-50\s+resnet50\s+16\s+25\.6 -> 28\.1\s+25\.6 -> 28\.1\s+4\.089 -> 4\.092\s+"
+                     r"4\.089 -> 4\.097\s+3\.86 -> 3\.87", tables)
+    assert re.search(r"MobileNet\s+timm:mobilenetv1_100\s.*569 -> 572", tables)
+
+
+# ---- the two multiply-add counts: conv + linear, and the paper's way (+ one pass of each SE's squeeze) -------------
+
+def tiny_residual() -> nn.Sequential:
+    """A 16-channel stem and two residual blocks: at 3 x 8 x 8, stem 8*8*16*3*9 = 27,648 multiply-adds, each block two
+    3x3 convs of 8*8*16*16*9 = 147,456, the head 16*10 = 160: 617,632 in all (norms and pools are not counted)."""
+    from .models import PlusBlock
+
+    return nn.Sequential(conv_bn(3, 16), nn.ReLU(), PlusBlock(16), PlusBlock(16), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(16, 10))
+
+
+def test_the_paper_way_adds_one_pooling_pass_per_se_to_the_fc_layers():
+    from se_surgery.surgery.cost import count_costs, count_paper_macs
+
+    base = tiny_residual()
+    assert count_costs(base, (1, 3, 8, 8)) == (617_632, 617_632)  # no SE: both counts agree
+    cost = summary(tiny_residual(), (1, 3, 8, 8), reduction=4)
+    fc, pool = 2 * 16 * 4, 16 * 8 * 8  # per SE: W1 and W2 (C x C/r each), one add per element of u (C x H x W)
+    assert (cost.se_blocks, cost.macs_base, cost.paper_macs_base) == (2, 617_632, 617_632)
+    assert cost.macs_se == 617_632 + 2 * fc and cost.paper_macs_se == 617_632 + 2 * (fc + pool)
+    assert count_paper_macs(add_se(tiny_residual(), reduction=4), (2, 3, 8, 8)) == 2 * cost.paper_macs_se  # batch 2
+    # any se_layer add_se inserted counts its pooling pass too: timm's ECA (a k-tap conv over the channels)
+    timm = pytest.importorskip("timm")
+    eca = add_se(tiny_residual(), se_layer=timm.layers.EcaModule)
+    taps = next(iter(se_blocks(eca).values())).conv.kernel_size[0]
+    assert count_costs(eca, (1, 3, 8, 8)) == (617_632 + 2 * 16 * taps, 617_632 + 2 * (16 * taps + pool))
+    # NoSqueeze pools nothing: its FC layers run at every position, and the two counts agree
+    nosqueeze = summary(tiny_residual(), (1, 3, 8, 8), reduction=4, squeeze="none")
+    assert nosqueeze.paper_macs_se == nosqueeze.macs_se == 617_632 + 2 * fc * 8 * 8
+
+
+class SqueezeAnyDim(nn.Module):
+    """An SE over N x C x any spatial dims (mean over all of them), as a 1-D or 3-D network would hold it."""
+
+    def __init__(self, c: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, hidden, bias=False), nn.Linear(hidden, c, bias=False)
+
+    def forward(self, u):
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(u.mean(tuple(range(2, u.dim())))))))
+        return u * s.view(*s.shape, *[1] * (u.dim() - 2))
+
+
+@pytest.mark.parametrize("dims, size", [(1, (50,)), (3, (4, 6, 6))], ids=["1-D", "3-D"])
+def test_both_counts_take_1d_and_3d_models(dims, size):
+    from se_surgery.surgery.cost import count_costs, squeeze_blocks
+
+    conv, pool = {1: (nn.Conv1d, nn.AdaptiveAvgPool1d), 3: (nn.Conv3d, nn.AdaptiveAvgPool3d)}[dims]
+    se = SqueezeAnyDim(8, 2)
+    se._se_surgery = {"paper_name": "SE_1_1"}  # what add_se's metadata marks
+    model = nn.Sequential(conv(2, 8, 3, padding=1, bias=False), se, pool(1), nn.Flatten(), nn.Linear(8, 10))
+    spatial = torch.Size(size).numel()  # the product of every non-channel dim
+    convs, fcs, head = spatial * 8 * 2 * 3**dims, 2 * 8 * 2, 8 * 10
+    assert list(squeeze_blocks(model)) == ["1"]
+    assert count_costs(model, (1, 2, *size)) == (convs + fcs + head, convs + fcs + head + 8 * spatial)
+    assert count_macs(model, (3, 2, *size)) == 3 * (convs + fcs + head)
+
+
+def test_a_networks_own_se_blocks_count_their_squeeze():
+    from se_surgery.surgery.cost import count_costs, squeeze_blocks
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), torchvision.ops.SqueezeExcitation(8, 2))
+    assert list(squeeze_blocks(model)) == ["1"]
+    macs, paper = count_costs(model, (1, 3, 5, 7))
+    assert macs == 5 * 7 * 8 * 3 + 2 * 8 * 2 and paper == macs + 8 * 5 * 7
+
+
+def test_big_numbers_stay_in_their_columns():
+    """ResNet-152's multiply-adds ran into each other ("11,513,626,62411,520,204,800")."""
+    from se_surgery.surgery.cost import Summary
+
+    for scale in (1, 10**6):
+        cost = Summary(50, 60_192_808 * scale, 66_821_848 * scale, 11_513_626_624 * scale, 11_520_204_800 * scale,
+                       11_513_626_624 * scale, 11_533_350_912 * scale)
+        for line, (base, se) in zip(str(cost).splitlines()[1:4], [(cost.params_base, cost.params_se),
+                                                                   (cost.macs_base, cost.macs_se),
+                                                                   (cost.paper_macs_base, cost.paper_macs_se)]):
+            assert re.fullmatch(rf"[a-z' -]+ {base:,}  +{se:,}  +[+-]\d+\.\d\d%", line), line
+
+
+def test_the_resnet50_row_of_table_2_stands_beside_the_papers():
+    describe = __import__("importlib").import_module("se_surgery.describe")
+    row = next(r for r in describe._NETWORK_ROWS if r.network == "ResNet-50")
+    cost = describe.row_cost(row)
+    pool = sum(n * c * (224 // stride) ** 2 for n, c, stride in [(3, 256, 4), (4, 512, 8), (6, 1024, 16),
+                                                                  (3, 2048, 32)])
+    assert (cost.se_blocks, cost.params_base, cost.params_se) == (16, 25_557_032, 28_088_024)
+    assert cost.macs_se - cost.macs_base == se_macs(None) and cost.paper_macs_se - cost.macs_se == pool == 5_519_360
+    table = describe.network_table([row], [cost])
+    assert table.startswith("Table 2: ")
+    assert re.search(r"ResNet-50\s+resnet50\s+16\s+25\.6 -> 28\.1\s+25\.6 -> 28\.1\s+4\.089 -> 4\.092\s+"
+                     r"4\.089 -> 4\.097\s+3\.86 -> 3\.87", table), table
+    assert "v1.5" in table
+
+
+def test_a_refused_row_shows_dashes_and_says_why():
+    from se_surgery.surgery.cost import NetworkCost
+
+    describe = __import__("importlib").import_module("se_surgery.describe")
+    row = next(r for r in describe._NETWORK_ROWS if r.network == "MobileNet")
+    table = describe.network_table([row], [NetworkCost(None, 4_231_976, None, 568_740_352, None, 568_740_352, None,
+                                                       "found no residual sum in EfficientNet")])
+    assert table.startswith("Table 3: ")
+    assert re.search(r"MobileNet\s+timm:mobilenetv1_100\s+-\s+4\.2 -> -\s+4\.2 -> 4\.7\s+568\.7 -> -\s+568\.7 -> -\s+"
+                     r"569 -> 572", table), table
+    assert "MobileNet: no SE columns: add_se refuses timm:mobilenetv1_100 (found no residual sum" in table
