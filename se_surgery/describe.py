@@ -29,7 +29,7 @@ __all__ = ["main"]
 
 PROG = "python -m se_surgery.describe"
 
-_RESIDUAL_EXAMPLES = "resnet50, resnext50_32x4d, mobilenet_v2, regnet_x_400mf, convnext_tiny or timm:resnet50"
+_CNN_EXAMPLES = "resnet50, vgg16_bn, googlenet, densenet121, mobilenet_v2, convnext_tiny or timm:mobilenetv1_100"
 
 
 def _where(text: str) -> list[int | str]:
@@ -220,8 +220,8 @@ def _describe(arch: str, model: nn.Module, size: tuple[int, ...], **options: Any
         if found is None:
             raise SurgeryError(str(err).replace("where= item", "--where item")) from None
         raise SurgeryError(
-            f"{arch} has no residual CNN unit an SE can go on; {found}. The summary measures SE on residual CNNs: "
-            f"try {_RESIDUAL_EXAMPLES}"
+            f"{arch} has no CNN unit an SE can go on; {found}. The summary measures SE on CNNs: "
+            f"try {_CNN_EXAMPLES}"
         ) from None
 
 

@@ -168,7 +168,7 @@ def tiny_vit() -> VisionTransformer:
 def test_summary_tells_a_cli_user_what_a_transformer_lacks(capsys, monkeypatch) -> None:
     monkeypatch.setattr(summary_cli, "_base", lambda arch: tiny_vit)
     err = summary_error(capsys, "vit_b_16", "--input-size", "32")
-    assert "vit_b_16 has no residual CNN unit an SE can go on" in err and "3-D tensors" in err
+    assert "vit_b_16 has no CNN unit an SE can go on" in err and "3-D tensors" in err
     assert "try resnet50" in err
     assert "=" not in err and "add_se" not in err  # no Python keyword for a command-line user
     err = summary_error(capsys, "vit_b_16", "--input-size", "64")
