@@ -168,45 +168,43 @@ def _last_width(path: set[fx.Node], modules: dict[str, nn.Module], order: dict[f
     return None
 
 
-def _last_learned(nodes: set[fx.Node], modules: dict[str, nn.Module], order: dict[fx.Node, int]) -> tuple[str, int]:
-    """What decides the layout of the latest of ``nodes``: ``("conv", width)`` for a convolution (module or functional)
-    with no dimension moved after it, ``("linear", features)`` for a linear map over the last dimension,
-    ``("reorder", 0)`` for a permute / reshape after the last learned layer, ``("none", 0)`` without a learned layer.
+def _last_learned(nodes: set[fx.Node], modules: dict[str, nn.Module], order: dict[fx.Node, int], rank: int) -> str:
+    """What decides the layout of the latest of ``nodes``, for a sum of ``rank``-D tensors: ``"conv"`` for a
+    convolution of that rank (a Conv1d / Conv3d module or a functional conv) with no dimension moved after it,
+    ``"linear"`` for a linear map over the last dimension, ``"reorder"`` for a permute / reshape after the last
+    learned layer (or a convolution of another rank, so reshaped since), ``"none"`` without a learned layer.
     A concatenation is looked through: a concatenation of convolutions is channels-first (GhostNet)."""
     for node in sorted(nodes, key=order.__getitem__, reverse=True):
         target = getattr(node.target, "__name__", str(node.target))
         if node.op == "call_function" and target in _CONV_FUNCTIONS:
-            return "conv", int(_shape(node)[1]) if _shape(node) is not None else 0
+            shape = _shape(node)
+            return "conv" if shape is not None and len(shape) == rank else "reorder"
         if node.op == "call_function" and target == "linear":
-            return "linear", int(_shape(node)[-1]) if _shape(node) is not None else 0
+            return "linear"
         if node.op in ("call_method", "call_function") and _REORDER.search(target):
-            return "reorder", 0
+            return "reorder"
         if node.op == "call_module":
             inside = list(modules[node.target].modules())
             learned = [i for i, m in enumerate(inside) if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
             if learned:
                 last = inside[learned[-1]]
                 if any(_REORDER.search(type(m).__name__) for m in inside[learned[-1] + 1 :]):
-                    return "reorder", 0
+                    return "reorder"
                 if isinstance(last, nn.modules.conv._ConvNd):
-                    return "conv", last.out_channels
-                return "linear", last.out_features
+                    return "conv" if len(last.kernel_size) == rank - 2 else "reorder"
+                return "linear"
             if _REORDER.search(type(inside[0]).__name__):
-                return "reorder", 0
-    return "none", 0
+                return "reorder"
+    return "none"
 
 
-def _not_channels_first(add: fx.Node, rank: int, seen: tuple[str, int]) -> Skipped:
-    """The skip of a ``rank``-D sum whose operand shows ``seen`` (from :func:`_last_learned`) instead of a conv."""
-    kind, width = seen
+def _not_channels_first(add: fx.Node, rank: int, seen: str) -> Skipped:
+    """The skip of a ``rank``-D sum whose branch shows ``seen`` (from :func:`_last_learned`) instead of a conv."""
     layout = layout_name(rank)
-    if kind == "linear":
-        why = (f"whose branch ends in a linear map over the last dimension ({width} features): transformer tokens, "
-               f"not {layout}")
-    elif kind == "reorder":
-        why = f"whose branch moves dimensions (permute / reshape) after its last learned layer: not {layout}"
-    else:
-        why = f"without a convolution on its operands: not a channels-first {layout} map"
+    why = {
+        "linear": f"whose branch ends in a linear map over the last dimension: transformer tokens, not {layout}",
+        "reorder": f"whose branch moves dimensions (permute / reshape) after its last learned layer: not {layout}",
+    }.get(seen, f"without a convolution on its operands: not a channels-first {layout} map")
     return Skipped(add, SkipKind.NOT_CHANNELS_FIRST, f"a sum of {rank}-D tensors {why}")
 
 
@@ -248,9 +246,9 @@ def classify_sum(
     shape = _shape(a)
     rank = len(shape)
     if rank != 4:  # only a convolution over dim 1 makes a 3-D or 5-D sum channels-first (the 4-D rule: step 3)
-        seen = [_last_learned(_ancestors(n) | {n}, modules, order) for n in (a, b)]
-        if all(kind != "conv" for kind, _ in seen):
-            return _not_channels_first(add, rank, max(seen, key=lambda k: ("none", "reorder", "linear").index(k[0])))
+        seen = [_last_learned(_ancestors(n) | {n}, modules, order, rank) for n in (a, b)]
+        if "conv" not in seen:
+            return _not_channels_first(add, rank, max(seen, key=("none", "reorder", "linear").index))
 
     def weight(n: fx.Node) -> int:
         if n.op == "call_module":
@@ -274,6 +272,8 @@ def classify_sum(
     if wa == wb:
         return Skipped(add, SkipKind.TIE, f"both operands carry {wa} learned layer(s), so neither is the skip")
     (branch, path, heavy), (skip, light) = ((a, path_a, wa), (b, wb)) if wa > wb else ((b, path_b, wb), (a, wa))
+    if rank != 4 and (seen := _last_learned(path, modules, order, rank)) != "conv":
+        return _not_channels_first(add, rank, seen)
     if light > 1:
         return Skipped(add, SkipKind.HEAVY_SKIP,
                        f"the lighter operand carries {light} learned layers; a skip has at most one")
@@ -286,10 +286,6 @@ def classify_sum(
         )
     if any(_is_gate(n, modules) for n in path):
         return Skipped(add, SkipKind.GATED, "its branch already holds an SE / attention gate")
-    if rank != 4:
-        seen = _last_learned(path, modules, order)
-        if seen[0] != "conv":
-            return _not_channels_first(add, rank, seen)
     width = _last_width(path, modules, order) if rank == 4 else None
     if width is not None and width == shape[-1]:
         return Skipped(add, SkipKind.CHANNELS_LAST,
