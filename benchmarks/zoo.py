@@ -231,7 +231,7 @@ def category(reason: str) -> str:
         return "no residual sum (plain, concatenating or token-only network)"
     kinds = [
         ("already holds an SE", "branches already gated (SE / attention)"),
-        ("-D tensors", "token sums only (not channels-first)"),
+        ("-D tensors", "token sums only"),
         ("channels-last", "channels-last sums"),
         ("cannot trace", "blocks fx cannot trace"),
         ("does not run", "blocks fx cannot run"),
