@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from analysis import ablate, capture_excitations, metrics_frame, plot_fig6
 from analysis.capture import find_gates
 from se_surgery import SurgeryError, add_se, paper_names, remove_se, se_blocks
-from se_surgery.surgery.positions import POSITIONS
 from se_surgery.surgery.inputs import default_examples
+from se_surgery.surgery.positions import POSITIONS
 from se_surgery.surgery.probe import probe_first
 from se_surgery.surgery.residual import Residual, Skipped
 from se_surgery.surgery.se_module import SELayer, check_shape_kept
@@ -69,7 +69,8 @@ def gate_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]
 
         return record
 
-    handles = [model.get_submodule(gate).register_forward_hook(hook(block)) for block, gate in find_gates(model).items()]
+    gates = find_gates(model)
+    handles = [model.get_submodule(gate).register_forward_hook(hook(block)) for block, gate in gates.items()]
     with torch.no_grad():
         model(x)
     for h in handles:

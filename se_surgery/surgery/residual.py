@@ -3,10 +3,11 @@
 The rule, checkable by hand on one block's forward:
 
 1. A residual unit is a sum ``branch + skip`` of two same-shape channels-first tensors (N x C x L, N x C x H x W,
-   N x C x D x H x W) that start from one input, the unit's input: the operands' latest common ancestor, or a forward argument that is itself the skip (timm's DLA
-   passes its projected shortcut in as ``shortcut``). Counting learned layers (conv / linear) on the longest path
-   from that input, the skip carries it forward through at most one (identity, a 1x1 projection + norm, pool +
-   conv) and the branch through more. Operand order means nothing; ties and two heavy operands are not units.
+   N x C x D x H x W) that start from one input, the unit's input: the operands' latest common ancestor, or a
+   forward argument that is itself the skip (timm's DLA passes its projected shortcut in as ``shortcut``). Counting
+   learned layers (conv / linear) on the longest path from that input, the skip carries it forward through at most
+   one (identity, a 1x1 projection + norm, pool + conv) and the branch through more. Operand order means nothing;
+   ties and two heavy operands are not units.
 2. The skip carries the *whole* input: a skip without a learned layer that is only a piece of it (one output of a
    split or chunk, or fewer channels) is not a skip. Res2Net's hierarchical sums between its channel splits and
    EfficientViT's cascaded attention heads are such inner sums, so a Res2Net bottleneck gets one SE. Likewise a

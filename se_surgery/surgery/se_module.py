@@ -45,7 +45,7 @@ def global_mean(u: Tensor) -> Tensor:
 
 
 def _pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """A 1x1 convolution (``weight``: out x in x 1 x 1) at every position of a channels-first ``x`` of rank 3 or more."""
+    """A 1x1 convolution (``weight``: out x in x 1 x 1) at every position of a channels-first ``x`` of rank >= 3."""
     weight = weight.flatten(1)
     if x.dim() == 5:
         return F.conv3d(x, weight.view(weight.shape[0], weight.shape[1], 1, 1, 1), bias)
