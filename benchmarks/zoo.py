@@ -231,7 +231,7 @@ def category(reason: str) -> str:
         return "no residual sum (plain, concatenating or token-only network)"
     kinds = [
         ("already holds an SE", "branches already gated (SE / attention)"),
-        ("3-D tensors", "token (3-D) sums only"),
+        ("-D tensors", "token sums only"),
         ("channels-last", "channels-last sums"),
         ("cannot trace", "blocks fx cannot trace"),
         ("does not run", "blocks fx cannot run"),

@@ -310,3 +310,70 @@ class TappedBlock(PlusBlock):
     def forward_with_tap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tap = self.f(x)
         return torch.relu(x + tap), tap
+
+
+# ---- 1-D and 3-D residual networks (audio / sensor data, video / volumes) ------------------------------------
+
+
+_LAYERS = {1: (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d), 3: (nn.Conv3d, nn.BatchNorm3d, nn.AdaptiveAvgPool3d)}
+
+
+class BasicBlockNd(nn.Module):
+    """torchvision's basic block over N x C x L (``dims=1``) or N x C x D x H x W (``dims=3``): conv-bn-relu-conv-bn,
+    ``out += identity`` with a 1x1 projection + norm when the shape changes."""
+
+    def __init__(self, dims: int, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        conv, bn, _ = _LAYERS[dims]
+        self.conv1, self.bn1 = conv(cin, cout, 3, stride, 1, bias=False), bn(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = conv(cout, cout, 3, 1, 1, bias=False), bn(cout)
+        self.downsample = (nn.Sequential(conv(cin, cout, 1, stride, bias=False), bn(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNetNd(nn.Module):
+    """A small ResNet in 1-D (an ECG / audio net) or 3-D (a volume net): a stem, then ``layer1`` and ``layer2`` of two
+    basic blocks each (paper names SE_2_1, SE_2_2, SE_3_1, SE_3_2), global pool and a linear head."""
+
+    def __init__(self, dims: int = 1, in_channels: int = 2, num_classes: int = 4, width: int = 16) -> None:
+        super().__init__()
+        conv, bn, pool = _LAYERS[dims]
+        self.stem = nn.Sequential(conv(in_channels, width, 3, 1, 1, bias=False), bn(width), nn.ReLU(inplace=True))
+        self.layer1 = nn.Sequential(BasicBlockNd(dims, width, width), BasicBlockNd(dims, width, width))
+        self.layer2 = nn.Sequential(BasicBlockNd(dims, width, 2 * width, 2), BasicBlockNd(dims, 2 * width, 2 * width))
+        self.pool = pool(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.layer2(self.layer1(self.stem(x)))).flatten(1))
+
+
+class TokenBlock(nn.Module):
+    """A pre-norm transformer MLP block over N x L x C tokens: ``x + fc2(gelu(fc1(norm(x))))``, a Linear branch."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.act, self.fc2 = nn.LayerNorm(c), nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class Tokens1d(nn.Module):
+    """A Conv1d patch embedding, then token blocks over N x L x C: a 1-D model whose only sums are tokens."""
+
+    def __init__(self, in_channels: int = 2, c: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Conv1d(in_channels, c, 4, 4)
+        self.blocks = nn.Sequential(TokenBlock(c), TokenBlock(c))
+
+    def forward(self, x):
+        return self.blocks(self.embed(x).transpose(1, 2)).mean(1)

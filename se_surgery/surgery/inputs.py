@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from .probe import input_channels
+from .input_shape import example_call, input_channels, probe_sizes
 
-__all__ = ["check_model", "check_example", "example_for", "leaf_names", "brief"]
+__all__ = ["check_model", "check_example", "example_for", "default_examples", "leaf_names", "brief"]
 
 
 def brief(value: Any) -> str:
@@ -46,21 +46,31 @@ def check_example(example_input: Any, model: nn.Module) -> None:
         return
     raise SurgeryError(
         f"example_input must be a torch.Tensor the model accepts, got {type(example_input).__name__} "
-        f"{brief(example_input)}: pass "
-        f"e.g. example_input=torch.randn(2, {input_channels(model) or 3}, 224, 224), or leave it out"
+        f"{brief(example_input)}: pass e.g. example_input={example_call(model)}, or leave it out"
     )
 
 
-def example_for(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
-    """``example_input``, or a probe the model accepts: batch 2, its input channels, 64 px, its dtype and device."""
-    if example_input is not None:
-        return example_input
+def default_examples(model: nn.Module) -> list[torch.Tensor]:
+    """The probes to try on ``model``, in order, when the caller gives none: batch 2, its input channels, its dtype
+    and device, shaped as its first convolution reads (N x C x L, N x C x H x W, N x C x D x H x W).
+
+    A small one first (L = 256, 64 x 64 px, 16 x 32 x 32), then the size the model declares (timm's
+    ``pretrained_cfg["input_size"]``, a Hugging Face ``config.image_size``); without one, the usual sizes of its
+    dimensionality (224 then 299 px for images: torchvision's inception_v3 fails at 64 px and declares nothing).
+    """
     ref = next(model.parameters(), None)
     ref = ref if ref is not None else next(model.buffers(), torch.empty(0))
     dtype = ref.dtype if ref.is_floating_point() else torch.float32
     channels = input_channels(model) or 3
-    # Batch 2 so a broadcast over the batch dimension never looks like a same-shape sum; 64 px keeps the probe cheap.
-    return torch.randn(2, channels, 64, 64, device=ref.device, dtype=dtype)
+    # Batch 2 so a broadcast over the batch dimension never looks like a same-shape sum.
+    return [torch.randn(2, channels, *size, device=ref.device, dtype=dtype) for size in probe_sizes(model)]
+
+
+def example_for(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
+    """``example_input``, or the first of :func:`default_examples` (e.g. ``randn(2, C, 64, 64)`` for a 2-D CNN)."""
+    if example_input is not None:
+        return example_input
+    return default_examples(model)[0]
 
 
 def leaf_names(model: nn.Module, leaf_modules: Sequence[str | type]) -> set[str]:

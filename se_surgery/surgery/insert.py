@@ -19,7 +19,7 @@ from ..errors import SurgeryError
 from .config import SELayerFactory
 from .inputs import check_model
 from .planning import WROTE_INTO, Plan, Unit, plan, structure
-from .residual import Residual
+from .residual import Residual, _shape, layout_name
 from .se_module import SELayer, check_shape_kept
 from .subclass import install_forward
 
@@ -48,7 +48,8 @@ def add_se(model: nn.Module, reduction: int | None = None, *, inplace: bool = Fa
         leaf_modules: module names or types whose own forward is not traced (the way out when fx cannot trace
             one); their children are still searched.
         autowrap_functions: functions fx should record as calls rather than trace through.
-        example_input: an input the model accepts, for shape propagation; default ``randn(2, C, 64, 64)``.
+        example_input: an input the model accepts, for shape propagation; default: shaped as the first convolution
+            reads (``randn(2, C, 64, 64)`` for a 2-D CNN), retried at the size the model declares.
         inplace: modify ``model`` itself.
         strict: raise on the first owner fx cannot trace or run, or that is narrower than r, instead of skipping it.
         options: :class:`~.config.SEConfig` fields: ``position`` (``"standard"``, ``"pre"``, ``"post"``,
@@ -138,7 +139,8 @@ def _build(unit: Unit, index: int, planned: Plan, owner: nn.Module) -> nn.Module
     """The SE module of ``unit`` (its owner's ``index``-th), on the owner's device and dtype, with add_se's metadata."""
     config, like = planned.config, next(owner.parameters(), None)
     if config.se_layer is not None:
-        se = _user_se(config.se_layer, unit.channels, like, unit.owner)
+        rank = unit.placement.rank or len(_shape(unit.placement.after))
+        se = _user_se(config.se_layer, unit.channels, like, unit.owner, rank)
         described = {"squeeze": None, "excitation": None, "bias": None,
                      "se_layer": getattr(config.se_layer, "__name__", repr(config.se_layer))}
     else:
@@ -161,7 +163,7 @@ def _build(unit: Unit, index: int, planned: Plan, owner: nn.Module) -> nn.Module
     return se
 
 
-def _user_se(factory: SELayerFactory, channels: int, like: torch.Tensor | None, owner: str) -> nn.Module:
+def _user_se(factory: SELayerFactory, channels: int, like: torch.Tensor | None, owner: str, rank: int) -> nn.Module:
     block = owner or "the top-level sum"
     try:
         se = factory(channels)
@@ -171,11 +173,11 @@ def _user_se(factory: SELayerFactory, channels: int, like: torch.Tensor | None, 
         raise SurgeryError(f"se_layer({channels}) must return an nn.Module, got {type(se).__name__} (for {block})")
     if like is not None:
         se.to(device=like.device, dtype=like.dtype)
-    why = check_shape_kept(se, channels, like)
+    why = check_shape_kept(se, channels, like, dims=rank - 2)
     if why is not None:
         raise SurgeryError(
             f"se_layer({channels}) = {type(se).__name__} cannot go into {block}: {why}. An se_layer must map "
-            f"N x C x H x W to the same shape (a gated copy of its input), like timm's EcaModule or SEModule."
+            f"{layout_name(rank)} to the same shape (a gated copy of its input), like timm's EcaModule or SEModule."
         )
     return se
 

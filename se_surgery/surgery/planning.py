@@ -29,14 +29,14 @@ from ..paper import paper_stage
 from .attach import resolution_names, site_for
 from .concat import After, concat_units
 from .config import SEConfig
-from .inputs import check_example, check_model, example_for, leaf_names
+from .inputs import check_example, check_model, default_examples, leaf_names
 from .layer_types import LayerKind, is_layer
 from .naming import paper_names_for, se_children, se_name
 from .plain import plain_units, pointwise_after_depthwise
 from .positions import POSITIONS, Placement, place
-from .probe import Probe, probe_sums
+from .probe import Probe, probe_first
 from .refusals import grouped, no_unit
-from .residual import Residual, residual_units
+from .residual import Residual, _shape, residual_units
 from .skips import SkipKind, Skipped, Untraceable
 from .subclass import runs_generated_forward
 from .tracing import concrete_arguments, propagate_shapes, trace_module
@@ -198,7 +198,7 @@ def plan(
     leaves = leaf_names(model, leaf_modules)
     working = _working_copy(model)
     modules = dict(working.named_modules())
-    probe = probe_sums(working, example_for(working, example_input))
+    probe, _ = probe_first(working, [example_input] if example_input is not None else default_examples(working))
     holding: list[tuple[str, Skipped]] = []
     holding_se = _owners_with_fused_se(modules, probe.owners, leaves, holding)
     if units == "residual" or (units == "auto" and (probe.owners or holding_se)):
@@ -333,7 +333,7 @@ def _attached_units(sites, config: SEConfig, modules: dict, paper: dict, strict:
             graphs[site.module], order[site.module] = site.graph, len(order)
         else:
             se = _free_se_names(modules[site.module], site.module, k + 1)[-1]
-        placement = Placement(None, site.after, site.readers, site.unit.channels)
+        placement = Placement(None, site.after, site.readers, site.unit.channels, len(_shape(site.unit.node)))
         paper_name = paper[site.module] + (f"_{k + 1}" if k else "")
         planned.append(Unit(site.module, se, paper_name, _KINDS[site.unit.kind], site.unit.channels, hidden,
                             "standard", False, placement))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .layer_types import LayerKind, is_layer
-from .residual import Residual, _shape, learned_layers
+from .residual import Residual, _shape, layout_name, learned_layers
 from .skips import SkipKind, Skipped
 
 __all__ = ["POSITIONS", "Position", "Placement", "place"]
@@ -35,6 +35,7 @@ class Placement:
     after: fx.Node
     readers: tuple[fx.Node, ...]
     channels: int
+    rank: int | None = None  # the scaled tensor's rank where ``after`` carries no shape (a holder's own graph)
 
 
 def _module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
@@ -119,10 +120,10 @@ def place(
             after = user
         return Placement(unit, after, tuple(after.users), unit.channels)
     if position == "pre":
-        shape = _shape(unit.root)
-        if shape is None or len(shape) != 4:
+        shape, rank = _shape(unit.root), len(_shape(unit.branch))  # the sum's rank
+        if shape is None or len(shape) != rank:
             return Skipped(unit.add, SkipKind.NO_POSITION,
-                           "position='pre' needs the block's input to be one N x C x H x W tensor")
+                           f"position='pre' needs the block's input to be one {layout_name(rank)} tensor")
         return Placement(unit, unit.root, tuple(u for u in unit.root.users if u in unit.path), int(shape[1]))
     after = _after_3x3(unit, modules, order)
     if isinstance(after, Skipped):

@@ -7,8 +7,10 @@ holds a sum, and every block's input is at hand for shape propagation.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +19,11 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import SurgeryError
 from ..modes import eval_mode
+from .input_shape import example_call, input_channels
 
-__all__ = ["Probe", "probe_sums", "input_channels"]
+__all__ = ["Probe", "probe_sums", "probe_first", "input_channels"]
+
+logger = logging.getLogger(__name__)
 
 _ADDS = {
     torch.add,
@@ -95,12 +100,6 @@ def _channel_cat(args: tuple, kwargs: dict, received: set[int]) -> bool:
     return len(ranks) == 1 and (rank := ranks.pop()) >= 3 and dim % rank == 1
 
 
-def input_channels(model: nn.Module) -> int | None:
-    """The channel count ``model``'s first 2-D convolution expects (None without one)."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return conv.in_channels if conv is not None else None
-
-
 def probe_sums(model: nn.Module, example_input: Tensor) -> Probe:
     """Run ``model(example_input)`` in eval mode under no_grad, watching for sums; the model's state is restored."""
     probe, stack, handles, convs, received = Probe(), [], [], [], []
@@ -108,7 +107,7 @@ def probe_sums(model: nn.Module, example_input: Tensor) -> Probe:
 
     def pre_hook(name):
         def hook(module, args, kwargs):
-            if not convs and isinstance(module, nn.Conv2d):
+            if not convs and isinstance(module, nn.modules.conv._ConvNd):
                 convs.append(module.in_channels)  # the first convolution the input reaches
             if name in conv_modules and stack:
                 _note(probe.conv_owners, stack[-1])
@@ -135,9 +134,24 @@ def probe_sums(model: nn.Module, example_input: Tensor) -> Probe:
         raise SurgeryError(
             f"{type(model).__name__} failed on the example input of shape {tuple(example_input.shape)}: "
             f"{str(err).rstrip('.')}. "
-            f"Pass one it accepts: add_se(model, example_input=torch.randn(2, {channels}, 224, 224))."
+            f"Pass one it accepts: add_se(model, example_input={example_call(model, channels)})."
         ) from err
     finally:
         for handle in handles:
             handle.remove()
     return probe
+
+
+def probe_first(model: nn.Module, candidates: Sequence[Tensor]) -> tuple[Probe, Tensor]:
+    """:func:`probe_sums` with the first of ``candidates`` the model runs on, and that input; if none runs, the
+    error of the first (its suggested input has the model's dimensionality)."""
+    if not candidates:
+        raise SurgeryError("probe_first needs at least one candidate input: pass e.g. default_examples(model)")
+    first: SurgeryError | None = None
+    for example in candidates:
+        try:
+            return probe_sums(model, example), example
+        except SurgeryError as err:
+            first = first or err
+            logger.debug("probe at %s failed: %s", tuple(example.shape), err)
+    raise first

@@ -2,19 +2,23 @@
 
 The rule, checkable by hand on one block's forward:
 
-1. A residual unit is a sum ``branch + skip`` of two same-shape N x C x H x W tensors that start from one input, the
-   unit's input: the operands' latest common ancestor, or a forward argument that is itself the skip (timm's DLA
-   passes its projected shortcut in as ``shortcut``). Counting learned layers (conv / linear) on the longest path
-   from that input, the skip carries it forward through at most one (identity, a 1x1 projection + norm, pool +
-   conv) and the branch through more. Operand order means nothing; ties and two heavy operands are not units.
+1. A residual unit is a sum ``branch + skip`` of two same-shape channels-first tensors (N x C x L, N x C x H x W,
+   N x C x D x H x W) that start from one input, the unit's input: the operands' latest common ancestor, or a
+   forward argument that is itself the skip (timm's DLA passes its projected shortcut in as ``shortcut``). Counting
+   learned layers (conv / linear) on the longest path from that input, the skip carries it forward through at most
+   one (identity, a 1x1 projection + norm, pool + conv) and the branch through more. Operand order means nothing;
+   ties and two heavy operands are not units.
 2. The skip carries the *whole* input: a skip without a learned layer that is only a piece of it (one output of a
    split or chunk, or fewer channels) is not a skip. Res2Net's hierarchical sums between its channel splits and
    EfficientViT's cascaded attention heads are such inner sums, so a Res2Net bottleneck gets one SE. Likewise a
    sum lying on the branch of another unit of the same forward is not a unit of its own.
-3. The branch must not already hold an SE / attention gate, and must be channels-first: a branch whose last learned
-   layer is a linear map over the tensor's last dimension, with no permute / reshape / concatenation after it, is a
-   channels-last N x H x W x C token MLP (Swin, MaxViT's partitions), whatever dim 1 holds. A branch ending in a
-   convolution is channels-first whatever its last conv's width (GhostNet concatenates primary and cheap features).
+3. The branch must not already hold an SE / attention gate, and must be channels-first, which is told by structure,
+   not by rank. For 4-D sums: a branch whose last learned layer is a linear map over the tensor's last dimension,
+   with no permute / reshape / concatenation after it, is a channels-last N x H x W x C token MLP (Swin, MaxViT's
+   partitions), whatever dim 1 holds; a branch ending in a convolution is channels-first whatever its last conv's
+   width (GhostNet concatenates primary and cheap features). For sums of any other rank the branch's last learned
+   layer must be a convolution (a Conv1d / Conv3d module or a functional conv) with no dimension moved after it: so
+   a 1-D or 3-D ResNet's units count, and a transformer's N x L x C token sums (a linear map last) do not.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch import fx, nn
 from .layer_types import LayerKind, is_layer
 from .skips import SkipKind, Skipped
 
-__all__ = ["Residual", "Skipped", "find_sums", "classify_sum", "residual_units", "learned_layers"]
+__all__ = ["Residual", "Skipped", "find_sums", "classify_sum", "residual_units", "learned_layers", "layout_name"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
@@ -39,6 +43,14 @@ _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torc
 _MUL_METHODS = {"mul", "mul_", "div", "div_"}
 _GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.softmax, F.softmax}
 _GATE_METHODS = {"sigmoid", "sigmoid_", "softmax"}
+_CONV_FUNCTIONS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+                   "convolution"}
+_LAYOUTS = {3: "N x C x L", 4: "N x C x H x W", 5: "N x C x D x H x W"}
+
+
+def layout_name(rank: int) -> str:
+    """The channels-first layout of a ``rank``-D tensor in words: N x C x L, N x C x H x W, N x C x D x H x W."""
+    return _LAYOUTS.get(rank, "N x C x " + " x ".join(f"S{i}" for i in range(1, rank - 1)))
 
 
 @dataclass(frozen=True)
@@ -157,13 +169,53 @@ def _last_width(path: set[fx.Node], modules: dict[str, nn.Module], order: dict[f
     return None
 
 
+def _last_learned(nodes: set[fx.Node], modules: dict[str, nn.Module], order: dict[fx.Node, int], rank: int) -> str:
+    """What decides the layout of the latest of ``nodes``, for a sum of ``rank``-D tensors: ``"conv"`` for a
+    convolution of that rank (a Conv1d / Conv3d module or a functional conv) with no dimension moved after it,
+    ``"linear"`` for a linear map over the last dimension, ``"reorder"`` for a permute / reshape after the last
+    learned layer (or a convolution of another rank, so reshaped since), ``"none"`` without a learned layer.
+    A concatenation is looked through: a concatenation of convolutions is channels-first (GhostNet)."""
+    for node in sorted(nodes, key=order.__getitem__, reverse=True):
+        target = getattr(node.target, "__name__", str(node.target))
+        if node.op == "call_function" and target in _CONV_FUNCTIONS:
+            shape = _shape(node)
+            return "conv" if shape is not None and len(shape) == rank else "reorder"
+        if node.op == "call_function" and target == "linear":
+            return "linear"
+        if node.op in ("call_method", "call_function") and _REORDER.search(target):
+            return "reorder"
+        if node.op == "call_module":
+            inside = list(modules[node.target].modules())
+            learned = [i for i, m in enumerate(inside) if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+            if learned:
+                last = inside[learned[-1]]
+                if any(_REORDER.search(type(m).__name__) for m in inside[learned[-1] + 1 :]):
+                    return "reorder"
+                if isinstance(last, nn.modules.conv._ConvNd):
+                    return "conv" if len(last.kernel_size) == rank - 2 else "reorder"
+                return "linear"
+            if _REORDER.search(type(inside[0]).__name__):
+                return "reorder"
+    return "none"
+
+
+def _not_channels_first(add: fx.Node, rank: int, seen: str) -> Skipped:
+    """The skip of a ``rank``-D sum whose branch shows ``seen`` (from :func:`_last_learned`) instead of a conv."""
+    layout = layout_name(rank)
+    why = {
+        "linear": f"whose branch ends in a linear map over the last dimension: transformer tokens, not {layout}",
+        "reorder": f"whose branch moves dimensions (permute / reshape) after its last learned layer: not {layout}",
+    }.get(seen, f"without a convolution on its operands: not a channels-first {layout} map")
+    return Skipped(add, SkipKind.NOT_CHANNELS_FIRST, f"a sum of {rank}-D tensors {why}")
+
+
 def _is_part(root: fx.Node, skip: fx.Node) -> bool:
     """Whether ``skip`` is one piece of ``root``: ``root`` is a split / chunk, or ``skip`` has fewer channels."""
     meta = root.meta.get("tensor_meta")
     if root.op != "placeholder" and isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):  # split outputs
         return True
     whole, piece = _shape(root), _shape(skip)
-    return whole is not None and len(whole) == 4 and piece[1] < whole[1]
+    return whole is not None and piece is not None and len(whole) == len(piece) >= 3 and piece[1] < whole[1]
 
 
 def _is_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -172,7 +224,7 @@ def _is_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     is_gate_fn = (node.op == "call_function" and node.target in _GATE_FUNCTIONS) or (
         node.op == "call_method" and node.target in _GATE_METHODS
     )
-    # A gate broadcasts over the tensor it scales (N x C x 1 x 1 against N x C x H x W);
+    # A gate broadcasts over the tensor it scales (N x C x 1 x 1 against N x C x H x W, N x C x 1 against N x C x L);
     # x * sigmoid(x) (swish) does not.
     return is_gate_fn and any(
         _shape(other) is not None and _shape(other) != _shape(node)
@@ -193,9 +245,11 @@ def classify_sum(
         order: each node's position in the graph (a topological order).
     """
     shape = _shape(a)
-    if len(shape) != 4:
-        return Skipped(add, SkipKind.NOT_NCHW,
-                       f"a sum of {len(shape)}-D tensors (a transformer-style block?), SE needs N x C x H x W")
+    rank = len(shape)
+    if rank != 4:  # only a convolution over dim 1 makes a 3-D or 5-D sum channels-first (the 4-D rule: step 3)
+        seen = [_last_learned(_ancestors(n) | {n}, modules, order, rank) for n in (a, b)]
+        if "conv" not in seen:
+            return _not_channels_first(add, rank, max(seen, key=("none", "reorder", "linear").index))
 
     def weight(n: fx.Node) -> int:
         if n.op == "call_module":
@@ -219,6 +273,8 @@ def classify_sum(
     if wa == wb:
         return Skipped(add, SkipKind.TIE, f"both operands carry {wa} learned layer(s), so neither is the skip")
     (branch, path, heavy), (skip, light) = ((a, path_a, wa), (b, wb)) if wa > wb else ((b, path_b, wb), (a, wa))
+    if rank != 4 and (seen := _last_learned(path, modules, order, rank)) != "conv":
+        return _not_channels_first(add, rank, seen)
     if light > 1:
         return Skipped(add, SkipKind.HEAVY_SKIP,
                        f"the lighter operand carries {light} learned layers; a skip has at most one")
@@ -231,7 +287,7 @@ def classify_sum(
         )
     if any(_is_gate(n, modules) for n in path):
         return Skipped(add, SkipKind.GATED, "its branch already holds an SE / attention gate")
-    width = _last_width(path, modules, order)
+    width = _last_width(path, modules, order) if rank == 4 else None
     if width is not None and width == shape[-1]:
         return Skipped(add, SkipKind.CHANNELS_LAST,
                        f"its branch ends in a linear map over the last dimension ({width} features; dim 1 has "

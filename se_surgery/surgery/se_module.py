@@ -1,6 +1,7 @@
 """The SE block of the paper's design space: torchvision's ``SqueezeExcitation`` with the squeeze, excitation and bias
 variants of the SENet ablations (Tables 11, 12, 16), its gate computable apart from the scaling, and the scaling
-fusable with the residual sum that follows it (the released Caffe SENet's Axpy layer)."""
+fusable with the residual sum that follows it (the released Caffe SENet's Axpy layer). One block serves channels-first
+tensors of any rank, N x C x L, N x C x H x W and N x C x D x H x W: the squeeze reduces every dimension after C."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import SqueezeExcitation
+
+from ..errors import SurgeryError
 
 __all__ = ["SELayer", "SQUEEZES", "EXCITATIONS"]
 
@@ -41,8 +44,21 @@ def global_mean(u: Tensor) -> Tensor:
     return u.mean((2, 3))
 
 
+def _pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """A 1x1 convolution (``weight``: out x in x 1 x 1) at every position of a channels-first ``x`` of rank >= 3."""
+    weight = weight.flatten(1)
+    if x.dim() == 5:
+        return F.conv3d(x, weight.view(weight.shape[0], weight.shape[1], 1, 1, 1), bias)
+    out = F.conv1d(x.flatten(2), weight.view(weight.shape[0], weight.shape[1], 1), bias)
+    return out.view([x.shape[0], weight.shape[0]] + list(x.shape[2:]))
+
+
 class SELayer(SqueezeExcitation):
     """Squeeze (z = pool(u)), excitation (s = sigma(W2 delta(W1 z))) and scale (u * s), SENet Eq. 2-4.
+
+    u is channels-first of any rank (N x C x L, N x C x H x W, N x C x D x H x W): the squeeze reduces every dimension
+    after C and s broadcasts over them (N x C x 1, N x C x 1 x 1, ...). ``fc1`` and ``fc2`` stay 1x1 ``Conv2d``
+    modules whatever the rank, so one state_dict loads into the block of a 1-D, 2-D or 3-D network.
 
     Keeps torchvision's names (``avgpool`` for the squeeze, whatever its kind, ``fc1`` = W1, ``fc2`` = W2,
     ``activation`` = delta, ``scale_activation`` = sigma) so timm's and torchvision's SE weights load, and the gate
@@ -55,7 +71,7 @@ class SELayer(SqueezeExcitation):
         hidden: C // r, the excitation's hidden width.
         squeeze: ``"avg"`` (global average pooling, the paper's choice), ``"max"`` (global max pooling, Table 11) or
             ``"none"`` (NoSqueeze, Sec. 7.1 / Table 16: fc1 and fc2 run as 1x1 convolutions at full resolution, so
-            the gate s is N x C x H x W; same parameters).
+            the gate s has u's shape; same parameters).
         excitation: sigma: ``"sigmoid"`` (the paper's), ``"tanh"`` or ``"relu"`` (Table 12).
         bias: fc1 and fc2 with biases (the released Caffe models, timm) or without (the paper's ablation runs).
     """
@@ -102,13 +118,24 @@ class SELayer(SqueezeExcitation):
         return out
 
     def gate(self, u: Tensor) -> Tensor:
-        """The excitation s: N x C x 1 x 1 (N x C x H x W for NoSqueeze), the output of ``scale_activation``."""
-        if self.squeeze == "none":
-            return self._scale(u)  # fc1 and fc2 as 1x1 convolutions at full resolution
-        z = global_mean(u) if self.squeeze == "avg" else u.amax((2, 3))
+        """The excitation s: N x C x 1 x 1 for an N x C x H x W u (N x C x 1 for N x C x L, N x C x 1 x 1 x 1 for
+        N x C x D x H x W; u's shape for NoSqueeze), the output of ``scale_activation``."""
+        rank = u.dim()
+        if rank < 3:
+            raise SurgeryError(f"SELayer got a {rank}-D tensor, which has nothing to squeeze: pass it N x C x L, "
+                               "N x C x H x W or N x C x D x H x W")
+        if self.squeeze == "none":  # fc1 and fc2 as 1x1 convolutions at full resolution
+            if rank == 4:
+                return self._scale(u)
+            hidden = self.activation(_pointwise(u, self.fc1.weight, self.fc1.bias))
+            return self.scale_activation(_pointwise(hidden, self.fc2.weight, self.fc2.bias))
+        if self.squeeze == "avg":
+            z = global_mean(u) if rank == 4 else u.mean(list(range(2, rank)))
+        else:
+            z = u.amax(list(range(2, rank)))
         hidden = self.activation(F.linear(z, self.fc1.weight.flatten(1), self.fc1.bias))
         logits = F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias)
-        return self.scale_activation(logits.view(logits.shape[0], logits.shape[1], 1, 1))
+        return self.scale_activation(logits.view([logits.shape[0], logits.shape[1]] + [1] * (rank - 2)))
 
     def forward(self, u: Tensor, skip: Optional[Tensor] = None, overwrite: bool = False) -> Tensor:
         """u scaled channel-wise by its gate, ``u * s``; given the residual unit's ``skip``, ``skip + u * s``.
@@ -128,21 +155,26 @@ class SELayer(SqueezeExcitation):
         return torch.addcmul(skip, u, s)
 
 
-def check_shape_kept(module: nn.Module, channels: int, like: torch.Tensor | None) -> str | None:
-    """Why ``module`` is no SE layer for ``channels`` channels (it must map N x C x H x W to itself), or None."""
+_SIDES = {1: (9,), 2: (5, 7), 3: (3, 5, 7)}
+
+
+def check_shape_kept(module: nn.Module, channels: int, like: torch.Tensor | None, dims: int = 2) -> str | None:
+    """Why ``module`` is no SE layer for ``channels`` channels, or None: it must map a channels-first tensor with
+    ``dims`` dimensions after C (1: N x C x L, 2: N x C x H x W, 3: N x C x D x H x W) to the same shape."""
     param = next(module.parameters(), None)
     ref = like if like is not None else param
-    x = torch.zeros(2, channels, 5, 7, device=getattr(ref, "device", None), dtype=getattr(ref, "dtype", None))
+    sides = _SIDES.get(dims, (3,) * dims)
+    x = torch.zeros(2, channels, *sides, device=getattr(ref, "device", None), dtype=getattr(ref, "dtype", None))
+    described = " x ".join(str(n) for n in x.shape)
     was = module.training
     try:
         module.eval()
         with torch.no_grad():
             y = module(x)
     except Exception as err:  # any failure is the user's layer refusing this input
-        return f"it fails on a 2 x {channels} x 5 x 7 input ({err})"
+        return f"it fails on a {described} input ({err})"
     finally:
         module.train(was)
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        return (f"it maps 2 x {channels} x 5 x 7 to "
-                f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        return f"it maps {described} to {tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
     return None

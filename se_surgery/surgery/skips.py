@@ -16,7 +16,7 @@ __all__ = ["SkipKind", "Skipped", "Untraceable"]
 class SkipKind(enum.Enum):
     """The kinds of places a plan leaves without SE (the value is the short label its table prints)."""
 
-    NOT_NCHW = "not N x C x H x W"  # a sum of 3-D tokens or 5-D volumes
+    NOT_CHANNELS_FIRST = "tokens"  # a 3-D / 5-D sum whose branch ends in no convolution: transformer tokens
     NO_SHARED_INPUT = "no skip"  # the operands share no input
     TIE = "tie"  # both operands carry as many learned layers
     HEAVY_SKIP = "heavy skip"  # the lighter operand carries more than one learned layer
