@@ -80,6 +80,7 @@ def test_torchvision_and_timm_plain_and_multi_branch_networks_get_the_papers_cou
     counts = {}
     for name, build in [("vgg16_bn", lambda: torchvision.models.vgg16_bn()),
                         ("googlenet", lambda: torchvision.models.googlenet(init_weights=False)),
+                        ("inception_v3", lambda: torchvision.models.inception_v3(init_weights=False)),
                         ("densenet121", lambda: torchvision.models.densenet121()),
                         ("shufflenet_v2_x0_5", lambda: torchvision.models.shufflenet_v2_x0_5()),
                         ("mobilenetv1_100", lambda: timm.create_model("mobilenetv1_100"))]:
@@ -88,6 +89,7 @@ def test_torchvision_and_timm_plain_and_multi_branch_networks_get_the_papers_cou
     assert counts == {
         "vgg16_bn": (13, ["plain"]),  # SE-VGG-16: one per convolution (Table 2)
         "googlenet": (9, ["branches"]),  # one per Inception module
+        "inception_v3": (11, ["branches"]),  # probed at 224 px: it fails at 64 and declares no size
         "densenet121": (58, ["dense"]),  # one per dense layer: 6 + 12 + 24 + 16
         "shufflenet_v2_x0_5": (16, ["branches", "dense"]),  # 3 down-sampling units + 13 split units
         "mobilenetv1_100": (13, ["plain"]),  # SE-MobileNet: one per depthwise separable unit (Table 3)
