@@ -38,7 +38,7 @@ from .probe import Probe, probe_first
 from .refusals import grouped, no_unit
 from .residual import Residual, _shape, residual_units
 from .skips import SkipKind, Skipped, Untraceable
-from .subclass import runs_generated_forward
+from .subclass import none_arguments, runs_generated_forward
 from .tracing import concrete_arguments, propagate_shapes, trace_module
 
 __all__ = ["plan", "Plan", "Unit", "UnitKind", "Skip", "hidden_width", "Where"]
@@ -589,7 +589,7 @@ def _owners_with_fused_se(
     for owner, module in modules.items():
         if owner in owners or owner in leaves or not runs_generated_forward(module) or not se_children(module):
             continue
-        graph = trace_module(module, owner)
+        graph = trace_module(module, owner, concrete_args=none_arguments(module))
         ours = se_children(module)
         fused = [n for n in graph.nodes if n.op == "call_module" and n.target in ours and len(n.args) > 1]
         skipped.extend((owner, Skipped(n, SkipKind.HOLDS_SE, "its block already holds an SE from add_se"))

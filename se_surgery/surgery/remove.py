@@ -12,7 +12,7 @@ from ..errors import SurgeryError
 from ..paper import paper_stage
 from .inputs import check_model
 from .naming import SE_LEAF, resolve_blocks, se_children
-from .subclass import calls, install_forward, restore
+from .subclass import calls, install_forward, none_arguments, restore
 from .tracing import trace_module
 
 __all__ = ["remove_se", "se_blocks", "paper_names"]
@@ -115,7 +115,8 @@ def remove_se(model: nn.Module, names: Names = None, *, inplace: bool = False) -
 
 def _take_out(module: nn.Module, owner: str, leaves: list[str]) -> None:
     """Remove the SE children ``leaves`` from owner ``module`` and from its generated forward."""
-    graph = trace_module(module, owner)  # its generated forward, SE calls included, children as leaves
+    # its generated forward, SE calls included, children as leaves
+    graph = trace_module(module, owner, concrete_args=none_arguments(module))
     for leaf in leaves:
         (node,) = [n for n in graph.nodes if n.op == "call_module" and n.target == leaf]
         if len(node.args) > 1:  # fused: se(branch, skip, overwrite) -> branch + skip

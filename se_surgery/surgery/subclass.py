@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import fx, nn
 
-__all__ = ["install_forward", "restore", "original_class", "runs_generated_forward", "calls"]
+__all__ = ["install_forward", "restore", "original_class", "runs_generated_forward", "calls", "none_arguments"]
 
 _CLASSES: dict[tuple, type] = {}
 _FILES = itertools.count()
@@ -53,6 +53,13 @@ def scriptable(src: str) -> str:
     """fx's check that an argument fixed to None stays None, as a plain ``assert``, which TorchScript compiles (it
     cannot compile fx's ``_assert_is_none``, which timm's DLA blocks, traced with ``children=None``, hold)."""
     return _ASSERT_NONE.sub(r"assert \2 is None, \3", src)
+
+
+def none_arguments(block: nn.Module) -> dict[str, None]:
+    """The arguments ``block``'s generated forward asserts are None (see :func:`scriptable`): fx ``concrete_args``
+    for tracing that forward again."""
+    src = vars(type(block)).get("_se_surgery_source", "")
+    return dict.fromkeys(re.findall(r"^    assert (\w+) is None, ", src, flags=re.MULTILINE))
 
 
 def _compile_forward(src: str, globals_: dict[str, Any]):
