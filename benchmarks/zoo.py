@@ -1,6 +1,6 @@
 """The zoo: add_se over torchvision's models, one small model per timm family and Hugging Face's vision CNNs, checked.
 
-    python benchmarks/zoo.py                      # everything (about 15 min on one core), then the tables
+    python benchmarks/zoo.py                      # everything (202 models, about 6 min on one core), then the tables
     python benchmarks/zoo.py --only dla34,ghostnet_050 --resume   # some models, keeping the other rows
     python benchmarks/zoo.py --source timm --resume               # one part of the zoo
     python benchmarks/zoo.py --report                             # only rewrite zoo.md and surgery.md from the CSV
