@@ -151,6 +151,47 @@ class WrappedHelperBlock(nn.Module):
         return y + self.g(y)
 
 
+class Recalibration(nn.Module):
+    """An SE under a name no registry entry knows. ``pooled``: written like Hugging Face's ``RegNetSELayer`` (a pool
+    child, the excitation in a Sequential); else with an inline mean and a hard sigmoid, as timm writes its SEs."""
+
+    def __init__(self, c: int, pooled: bool = True) -> None:
+        super().__init__()
+        self.pooler = nn.AdaptiveAvgPool2d((1, 1)) if pooled else None
+        self.attention = nn.Sequential(nn.Conv2d(c, c // 4, 1), nn.ReLU(), nn.Conv2d(c // 4, c, 1),
+                                       nn.Sigmoid() if pooled else nn.Hardsigmoid())
+
+    def forward(self, x):
+        pooled = self.pooler(x) if self.pooler is not None else x.mean((2, 3), keepdim=True)
+        return x * self.attention(pooled)
+
+
+class CenteredSwish(nn.Module):
+    """Pools, then multiplies, yet gates nothing: ``y * sigmoid(y)`` for ``y = x - mean(x)`` (no tensor is scaled by a
+    function of its own pool)."""
+
+    def forward(self, x):
+        y = x - x.mean((2, 3), keepdim=True)
+        return y * torch.sigmoid(y)
+
+
+class RecalibratedBlock(nn.Module):
+    """``x + F(x)`` with ``F`` ending in ``gate``; ``inline``: the gate's scaling written in the block's own forward
+    (``u * hardsigmoid(fc(mean(u)))``) instead."""
+
+    def __init__(self, c: int, gate: nn.Module | None = None, inline: bool = False) -> None:
+        super().__init__()
+        self.f = nn.Sequential(conv_bn(c, c), nn.ReLU(), conv_bn(c, c))
+        self.gate = gate if gate is not None else nn.Identity()
+        self.inline = nn.Sequential(nn.Conv2d(c, c, 1), nn.Hardsigmoid()) if inline else None
+
+    def forward(self, x):
+        u = self.gate(self.f(x))
+        if self.inline is not None:
+            u = u * self.inline(u.mean((2, 3), keepdim=True))
+        return x + u
+
+
 # ---- tiny SE networks for the analysis tests ----------------------------------------------------------------
 
 

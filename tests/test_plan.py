@@ -86,13 +86,13 @@ def test_seconfig_is_frozen_validated_and_plain_data():
         SEConfig(init="identity", bias=False)
 
 
-class Gate(nn.Module):  # a channel attention module whose name the built-in registry does not know
+class Gate(nn.Module):  # a spatial attention map from a convolution, no global pool: only the registry can know it
     def __init__(self, c):
         super().__init__()
-        self.fc = nn.Conv2d(c, c, 1)
+        self.fc = nn.Conv2d(c, 1, 1)
 
     def forward(self, x):
-        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+        return x * torch.sigmoid(self.fc(x))
 
 
 class GatedBlock(nn.Module):

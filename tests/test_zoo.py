@@ -191,3 +191,32 @@ def test_a_size_argument_is_traced_element_by_element_and_not_frozen():
     with torch.no_grad():
         assert se.eval()(x).shape == (2, 480, 16)
         assert torch.equal(remove_se(se).eval()(x), base(x))
+
+
+def _probe_sizes(model: nn.Module) -> list[tuple[int, int]]:
+    """Records the size of every image batch the backbone's first convolution sees (copies of the model too)."""
+    seen: list[tuple[int, int]] = []
+    model.backbone.body.conv1.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    return seen
+
+
+def test_unresized_keeps_a_detection_models_input_at_its_size_and_restores_the_transform():
+    from se_surgery.surgery.inputs import unresized
+
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    seen, x = _probe_sizes(model), torch.randn(2, 3, 64, 96)
+    with unresized(model, x), torch.no_grad():
+        model(x)
+    assert seen == [(64, 96)]  # not upscaled to a short side of 800 px
+    with pytest.raises(RuntimeError, match="inside"), unresized(model, x):
+        raise RuntimeError("inside")
+    assert model.transform.min_size == (800,) and model.transform.max_size == 1333
+
+
+def test_add_se_probes_a_detection_model_at_the_probe_size_not_at_800_px():
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    seen = _probe_sizes(model)  # the hook travels into planning's working copy
+    se = add_se(model)
+    assert len(se_blocks(se)) == 16
+    assert seen == [(64, 64)]  # one probe forward, at the default probe's 64 px: no 800 x 800 backbone pass
+    assert (se.transform.min_size, se.transform.max_size) == (model.transform.min_size, model.transform.max_size)

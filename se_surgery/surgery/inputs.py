@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..errors import SurgeryError
 from .input_shape import example_call, input_channels, probe_sizes
 
-__all__ = ["check_model", "check_example", "example_for", "default_examples", "leaf_names", "brief"]
+__all__ = ["check_model", "check_example", "example_for", "default_examples", "unresized", "leaf_names",
+           "brief"]
 
 
 def brief(value: Any) -> str:
@@ -71,6 +74,29 @@ def example_for(model: nn.Module, example_input: torch.Tensor | None) -> torch.T
     if example_input is not None:
         return example_input
     return default_examples(model)[0]
+
+
+@contextlib.contextmanager
+def unresized(model: nn.Module, example: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``model``'s own input resizing leaves ``example`` at its size; restored afterwards.
+
+    A torchvision detection model's ``GeneralizedRCNNTransform`` scales every image to a short side of ``min_size``
+    (800 px) before its backbone: a 64 px probe would run ResNet-50-FPN and the heads on two 800 x 800 images (over 10
+    s on a CPU), and every block's recorded input with them. Where a residual sum is, and how wide, does not depend
+    on the size, so each such transform is set to scale by 1 while the probe runs; one with a ``fixed_size`` (SSD's)
+    is left as it is, its network being built for that size.
+    """
+    transforms = [m for m in model.modules() if isinstance(m, GeneralizedRCNNTransform) and m.fixed_size is None]
+    saved = [(t.min_size, t.max_size) for t in transforms]
+    if example.dim() >= 3:
+        height, width = example.shape[-2:]
+        for t in transforms:
+            t.min_size, t.max_size = (min(height, width),), max(height, width)
+    try:
+        yield
+    finally:
+        for t, (min_size, max_size) in zip(transforms, saved):
+            t.min_size, t.max_size = min_size, max_size
 
 
 def leaf_names(model: nn.Module, leaf_modules: Sequence[str | type]) -> set[str]:

@@ -6,7 +6,8 @@ standard SE goes after a branch's last one), an **activation** (SE 3x3 and SE-PO
 **pass-through** step (drop-path: the SE goes before it) and a **layer scale**; the analysis also needs to know
 an **SE module** (one returning its input times a gate s, whose gate it records). Entries match a module's class name
 by regular expression, or a class by ``isinstance``. Users add their own with :func:`register_layer_type`, as
-timm's ``register_notrace_module`` lets them mark their modules.
+timm's ``register_notrace_module`` lets them mark their modules. The gate entries are a shortcut: the residual rule
+also knows an SE-style gate of any name by its structure (a tensor times a function of its own global pool).
 """
 
 from __future__ import annotations

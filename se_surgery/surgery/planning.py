@@ -29,7 +29,7 @@ from ..paper import paper_stage
 from .attach import resolution_names, site_for
 from .concat import After, concat_units
 from .config import SEConfig
-from .inputs import check_example, check_model, default_examples, leaf_names
+from .inputs import check_example, check_model, default_examples, leaf_names, unresized
 from .layer_types import LayerKind, is_layer
 from .naming import paper_names_for, se_children, se_name
 from .plain import plain_units, pointwise_after_depthwise
@@ -198,7 +198,9 @@ def plan(
     leaves = leaf_names(model, leaf_modules)
     working = _working_copy(model)
     modules = dict(working.named_modules())
-    probe, _ = probe_first(working, [example_input] if example_input is not None else default_examples(working))
+    candidates = [example_input] if example_input is not None else default_examples(working)
+    with unresized(working, candidates[0]):  # a detection model would first upscale the probe to 800 px
+        probe, _ = probe_first(working, candidates)
     holding: list[tuple[str, Skipped]] = []
     holding_se = _owners_with_fused_se(modules, probe.owners, leaves, holding)
     if units == "residual" or (units == "auto" and (probe.owners or holding_se)):

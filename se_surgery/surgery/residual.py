@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import operator
 import re
+import types
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -34,6 +36,7 @@ from torch import fx, nn
 
 from .layer_types import LayerKind, is_layer
 from .skips import SkipKind, Skipped
+from .tracing import _ShallowTracer
 
 __all__ = ["Residual", "Skipped", "find_sums", "classify_sum", "residual_units", "learned_layers", "layout_name"]
 
@@ -219,8 +222,13 @@ def _is_part(root: fx.Node, skip: fx.Node) -> bool:
 
 
 def _is_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` (on a branch) gates what it scales: a registered gate type (the shortcut), a module whose own
+    forward multiplies a tensor by a function of that tensor's global pool (an SE of any name, as Hugging Face's
+    ``RegNetSELayer``), such a multiplication in the graph itself, or a sigmoid / softmax broadcast over a tensor."""
     if node.op == "call_module":
-        return any(is_layer(m, LayerKind.GATE) for m in modules[node.target].modules())
+        return any(is_layer(m, LayerKind.GATE) or _gates_by_structure(m) for m in modules[node.target].modules())
+    if _pool_gated_mul(node, modules):
+        return True
     is_gate_fn = (node.op == "call_function" and node.target in _GATE_FUNCTIONS) or (
         node.op == "call_method" and node.target in _GATE_METHODS
     )
@@ -232,6 +240,108 @@ def _is_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         for other in user.args
         if other is not node
     )
+
+
+_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_POOL_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                   F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
+_REDUCTIONS = {"mean", "amax", "sum"}  # x.mean((2, 3)), torch.amax(x, (-2, -1)), ...
+_SIGMOIDS = (nn.Sigmoid, nn.Hardsigmoid)
+
+
+def _pools_to_one(module: nn.Module) -> bool:
+    """An adaptive pool to 1 x ... x 1, or a parameter-free module holding one (timm's SelectAdaptivePool2d)."""
+    if isinstance(module, _POOLS):
+        size = module.output_size
+        return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+    return learned_layers(module) == 0 and any(_pools_to_one(m) for m in module.children())
+
+
+def _arg(node: fx.Node, index: int, name: str) -> object:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def _global_pool_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The tensor ``node`` pools globally (over every dimension after the channels'), or None if it is no such pool."""
+    source = _arg(node, 0, "input")
+    if not isinstance(source, fx.Node):
+        return None
+    if node.op == "call_module":
+        return source if _pools_to_one(modules[node.target]) else None
+    if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
+        size = _arg(node, 1, "output_size")
+        return source if all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,))) else None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op in ("call_method", "call_function") and name in _REDUCTIONS:
+        dims = _arg(node, 1, "dim")
+        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+        # over the spatial dimensions, not the batch's or the channels' (CBAM's channel mean is no squeeze)
+        return source if dims and all(type(d) is int and d not in (0, 1) for d in dims) else None
+    return None
+
+
+def _unreshaped(node: fx.Node) -> fx.Node:
+    """``node`` before any flatten / view / reshape: ``x.flatten(2).mean(-1)`` pools ``x``."""
+    while node.op in ("call_method", "call_function") and _REORDER.search(getattr(node.target, "__name__",
+                                                                                   str(node.target))):
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            break
+        node = node.args[0]
+    return node
+
+
+def _pool_gated_mul(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is ``x * g`` with ``g`` computed from a global pool of ``x`` itself: an SE's scaling."""
+    is_mul = (node.op == "call_function" and node.target in _MUL_FUNCTIONS - {operator.truediv, torch.div}) or (
+        node.op == "call_method" and node.target in {"mul", "mul_"}
+    )
+    if not is_mul or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    for x, g in (node.args, node.args[::-1]):
+        pooled = {_global_pool_input(n, modules) for n in _ancestors(g) | {g}} - {None}
+        if x in pooled or _unreshaped(x) in {_unreshaped(p) for p in pooled}:
+            return True
+    return False
+
+
+def _gates_by_structure(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward is an SE-style gate whatever its class is called: it multiplies a tensor by
+    a function of that tensor's global pool. Built-in torch.nn layers are none; a forward fx cannot trace counts as
+    a gate when the module has a pool to 1 as a child and holds a sigmoid / hard sigmoid."""
+    if type(module).__module__.startswith("torch.nn.") or not _may_pool(module):
+        return False
+    return _traced_gate(module)
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """The global and attribute names a function's code (its inner functions included) refers to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _may_pool(module: nn.Module) -> bool:
+    """Whether ``module`` could pool globally in its own forward: it holds a pool to 1, or its forward's code names a
+    reduction or an adaptive pool (``x.mean``, ``F.adaptive_avg_pool2d``). Only such modules are traced."""
+    if any(_pools_to_one(c) for c in module.children()):
+        return True
+    code = getattr(type(module).forward, "__code__", None)
+    return code is None or bool(_code_names(code) & (_REDUCTIONS | {f.__name__ for f in _POOL_FUNCTIONS}))
+
+
+def _traced_gate(module: nn.Module) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _ShallowTracer().trace(module)
+    except Exception:  # fx cannot follow this forward: judge it by what it holds
+        pools = any(_pools_to_one(c) for c in module.children())
+        return pools and any(isinstance(m, _SIGMOIDS) for m in module.modules())
+    named = dict(module.named_modules())
+    return any(_pool_gated_mul(n, named) for n in graph.nodes)
 
 
 def classify_sum(
