@@ -2,6 +2,7 @@
 ShuffleNetV2 concatenations; the ``units=`` rule; holders that keep Sequentials as they were."""
 
 import logging
+import re
 
 import pytest
 import timm
@@ -13,7 +14,7 @@ from se_surgery import add_se, paper_names, plan, remove_se, se_blocks
 from se_surgery.errors import SurgeryError
 from se_surgery.surgery import SkipKind, UnitKind
 
-from .models import PlusBlock, TappedBlock, TinyInception, TinyMobileNet, TinyVGG, tiny_densenet
+from .models import PlusBlock, TappedBlock, TinyInception, TinyMobileNet, TinyVGG, separable, tiny_densenet
 
 X = torch.randn(2, 3, 32, 32)
 
@@ -22,9 +23,10 @@ def _same_function(model: nn.Module, se: nn.Module, x: torch.Tensor = X) -> None
     """The SE model keeps every base key and module class, and remove_se gives the base outputs back bit for bit."""
     model.eval(), se.eval()
     base = model.state_dict()
-    assert set(base) <= set(se.state_dict()) and all(".se." in k for k in set(se.state_dict()) - set(base))
+    new = set(se.state_dict()) - set(base)
+    assert set(base) <= set(se.state_dict()) and all(re.search(r"(^|\.)se(_\d+)?\.", k) for k in new)
     assert [type(m).__name__ for m in model.modules()] == [
-        type(m).__name__ for n, m in se.named_modules() if ".se" not in f".{n}" and not n.startswith("se")]
+        type(m).__name__ for n, m in se.named_modules() if not re.search(r"(^|\.)se(_\d+)?(\.|$)", n)]
     with torch.no_grad():
         assert torch.equal(remove_se(se)(x), model(x))
 
@@ -165,3 +167,58 @@ def test_a_block_whose_class_computes_its_sum_in_another_method_is_left_without_
     assert [u.owner for u in chosen.units] == ["2"]
     (skip,) = [s for s in chosen.skipped if s.kind is SkipKind.OTHER_PATHS]
     assert skip.owner == "1" and "forward_with_tap" in skip.reason
+
+
+def test_what_the_rules_must_not_take_for_a_unit():
+    """A softmax head, a chain whose own SE follows its ReLU, a network with a few separable units among standard
+    convolutions, a block whose forward delegates to a forward_* method."""
+    softmax_head = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 1), nn.Softmax(dim=1))
+    assert [u.se_name for u in plan(softmax_head, 4, example_input=X).units] == ["1.se"]
+    own_se = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), torchvision.ops.SqueezeExcitation(16, 4))
+    with pytest.raises(SurgeryError, match="feeds an SE / attention gate already"):
+        plan(own_se, 4, example_input=X)
+    mixed = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                          nn.ReLU(), *[m for m in separable(16, 32)])
+    assert len(plan(mixed, 4, example_input=X)) == 4  # three convolutions and one separable unit
+
+    class Delegating(PlusBlock):
+        def forward(self, x):
+            return self.forward_impl(x)
+
+        def forward_impl(self, x):
+            return torch.relu(x + self.f(x))
+
+    assert len(plan(nn.Sequential(nn.Conv2d(3, 8, 3), Delegating(8)), 4, example_input=X)) == 1
+
+
+def test_a_dense_block_written_as_a_loop_of_concatenations_gets_one_se_per_layer():
+    def layer(c: int) -> nn.Sequential:
+        return nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, 8, 3, padding=1))
+
+    class LoopDense(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(layer(c + 8 * i) for i in range(3))
+
+        def forward(self, x):
+            for f in self.layers:
+                x = torch.cat([x, f(x)], 1)
+            return x
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), LoopDense(16))
+    chosen = plan(model, 2, example_input=X)
+    assert [(u.se_name, u.kind, u.channels) for u in chosen.units] == [
+        ("1.se", UnitKind.DENSE, 8), ("1.se_1", UnitKind.DENSE, 8), ("1.se_2", UnitKind.DENSE, 8)]
+    _same_function(model, add_se(model, 2))
+
+
+def test_a_network_inside_a_wrapper_gets_its_units_even_when_its_class_name_reads_like_a_gate():
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = torchvision.models.squeezenet1_1()  # "Squeeze" also names SE modules
+
+        def forward(self, x):
+            return self.backbone(x)
+
+    assert len(plan(Wrapper(), example_input=torch.randn(1, 3, 64, 64))) == 8

@@ -11,7 +11,7 @@ the SE in the forward that calls it, as for a residual unit; a container's forwa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import Callable, List, Sequence
 
 import torch
 from torch import fx, nn
@@ -21,7 +21,7 @@ from ..paper import format_paper_name
 from .concat import After
 from .residual import _shape
 from .skips import SkipKind, Skipped
-from .tracing import trace_module
+from .tracing import concrete_arguments, trace_module
 
 __all__ = ["Site", "site_for", "resolution_names", "CONTAINERS"]
 
@@ -43,16 +43,20 @@ def _qualified(owner: str, target: str) -> str:
     return f"{owner}.{target}" if owner else target
 
 
-def _holder(name: str, module: nn.Module, unit: After, received: tuple | None) -> Site | None:
+def _holder(name: str, module: nn.Module, unit: After, call: tuple[tuple, dict],
+            autowrap_functions: Sequence[Callable]) -> Site | None:
     """``module`` as the holder of ``unit``'s SE: its traced forward, the SE before its output; None if it cannot.
-    ``received``: the positional arguments it was called with; one that was a list of tensors (a DenseNet layer's
-    features) is annotated so, as TorchScript needs (fx writes the original annotation, often ``Tensor``)."""
+    ``call``: the arguments it was called with: an argument left at None is traced as None (as for an owner), and
+    one that was a list of tensors (a DenseNet layer's features) is annotated so, as TorchScript needs (fx writes
+    the original annotation, often ``Tensor``)."""
+    args, kwargs = call
+    nones = {k: v for k, v in concrete_arguments(module, args, kwargs).items() if v is None}
     try:
-        graph = trace_module(module, name)
+        graph = trace_module(module, name, autowrap_functions=autowrap_functions, concrete_args=nones)
     except SurgeryError:
         return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, received or ()):
+    for node, value in zip(placeholders, args):
         if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
             node.type = List[torch.Tensor]
     (output,) = [n for n in graph.nodes if n.op == "output"]
@@ -63,16 +67,17 @@ def _holder(name: str, module: nn.Module, unit: After, received: tuple | None) -
 
 
 def site_for(owner: str, graph: fx.Graph, unit: After, modules: dict[str, nn.Module], calls: dict[str, int],
-             leaves: set[str], inputs: dict[str, tuple[tuple, dict]]) -> Site | Skipped:
+             leaves: set[str], inputs: dict[str, tuple[tuple, dict]], autowrap_functions: Sequence[Callable] = ()
+             ) -> Site | Skipped:
     """Where ``unit``'s SE goes: in the module that made its tensor (a holder), else in ``owner``'s forward.
     ``calls`` and ``inputs``: each module's number of calls and first arguments, as the probe saw them."""
     node = unit.node
     if node.op == "call_module":
         name = _qualified(_qualified(owner, node.target), unit.inside) if unit.inside else _qualified(owner,
                                                                                                      node.target)
-        module = modules[name]
-        if calls.get(name, 0) == 1 and name not in leaves and not isinstance(module, CONTAINERS):
-            held = _holder(name, module, unit, inputs.get(name, ((), {}))[0])
+        module = modules.get(name)  # None for a module registered under another name first
+        if module is not None and calls.get(name, 0) == 1 and name not in leaves and not isinstance(module, CONTAINERS):
+            held = _holder(name, module, unit, inputs.get(name, ((), {})), autowrap_functions)
             if held is not None:
                 return held
     if isinstance(modules[owner], CONTAINERS):

@@ -10,8 +10,10 @@ The rule, checkable by hand on one block's forward:
    beside new features is that network's identity path (DenseNet's dense connectivity, ShuffleNetV2's channel split):
    the SE goes on each operand that carries learned layers, before the merge, as on a residual branch (Fig. 3), so
    every later reader sees the recalibrated features and the carried ones are not scaled again.
-3. A concatenation that is an operand of another concatenation of the same forward (Inception-v3's InceptionE joins
-   its 1x3 and 3x1 halves first) lies inside that unit: one SE per module.
+3. A concatenation that is read only by another concatenation of the same forward (Inception-v3's InceptionE joins
+   its 1x3 and 3x1 halves first) lies inside that unit: one SE per module. Features another operand was computed
+   from are carried forward too, where they are a concatenation themselves or one of two operands (a dense block
+   written ``x = cat([x, layer(x)], 1)`` in a loop).
 4. Every operand that carries a learned layer must be channels-first by structure: its last learned layer is a
    convolution, with no reshape or permute after it (a ViT joining its class token to its patch tokens is no unit).
 """
@@ -113,8 +115,14 @@ def _classify(cat: fx.Node, operands: list[fx.Node], modules: dict, order: dict)
         return max((_heaviest_path(p, op, order, lambda n: _weight(n, modules))[0] for p in inputs
                     if p in _ancestors(op) or p is op), default=0)
 
-    learned = [op for op in operands if carried(op) > 0]
-    identity = [op for op in operands if _is_identity(op)]
+    # carried forward unchanged: the block's input (or a piece of it), or features another operand was computed from
+    # (a dense block written as ``x = cat([x, layer(x)], 1)`` in a loop)
+    def feeds_another(op: fx.Node) -> bool:
+        return any(op in _ancestors(other) for other in operands if other is not op)
+
+    identity = [op for op in operands if _is_identity(op) or (
+        feeds_another(op) and (channel_cat(op) is not None or len(operands) == 2))]
+    learned = [op for op in operands if carried(op) > 0 and op not in identity]
     if not all(channels_first(op, modules) for op in learned):
         return Skipped(cat, SkipKind.CHANNELS_LAST,
                        "an operand's last learned layer is no convolution over dim 1 (tokens or channels-last "
@@ -136,7 +144,7 @@ def concat_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[After |
         operands = channel_cat(node)
         if operands is None:
             continue
-        if any(channel_cat(user) is not None for user in node.users):
+        if node.users and all(channel_cat(user) is not None for user in node.users):
             verdicts.append(Skipped(node, SkipKind.INNER_CONCAT,
                                     "it is an operand of another concatenation of the block (one SE per module)"))
             continue

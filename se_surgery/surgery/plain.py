@@ -9,7 +9,8 @@ The rule, checkable by hand on one block's forward:
    depthwise separable convolution: only the pointwise convolution's non-linearity gets an SE. In a network built
    of such units, they alone get one (its standard-convolution stem is no unit). This is what fits the paper's
    SE-MobileNet (Table 3: 4.2 M -> 4.7 M parameters, 569 -> 572 MFLOPs at r = 16: 13 SE).
-3. A convolution that no non-linearity follows (a residual branch's last, a classifier) gets none.
+3. A convolution that no non-linearity follows (a residual branch's last, a classifier) gets none, nor one whose
+   non-linearity is an output or gate function (softmax, sigmoid) or feeds an SE / attention gate already.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from .concat import After
 from .layer_types import LayerKind, is_layer
 from .positions import _is_activation, _is_norm_or_pass_through
 from .residual import _shape, learned_layers
+from .skips import SkipKind, Skipped
 
 __all__ = ["plain_units", "norm_act_child", "pointwise_after_depthwise"]
 
 _CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d}
+# output and gate non-linearities: an SE after a softmax would break its sum to 1, after a sigmoid gate double it
+_NOT_NON_LINEARITIES = (nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Softmin, nn.Sigmoid, nn.Hardsigmoid)
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 
 
@@ -79,7 +83,14 @@ def pointwise_after_depthwise(convs: list[nn.modules.conv._ConvNd]) -> set[int]:
             and b.in_channels == a.out_channels}
 
 
-def plain_units(graph: fx.Graph, modules: dict[str, nn.Module], pointwise: set[int] = frozenset()) -> list[After]:
+def _feeds_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s output goes into an SE / attention gate module (a network with SE of its own)."""
+    return any(user.op == "call_module" and is_layer(modules[user.target], LayerKind.GATE)
+               and learned_layers(modules[user.target]) <= 3 for user in node.users)
+
+
+def plain_units(graph: fx.Graph, modules: dict[str, nn.Module],
+                pointwise: set[int] = frozenset()) -> list[After | Skipped]:
     """The SE places of ``graph`` (one module's forward, shapes propagated): after each non-linearity that follows
     a convolution, but a depthwise one's; ``pointwise`` (ids from :func:`pointwise_after_depthwise`) marks the ones
     that end a depthwise separable convolution."""
@@ -91,8 +102,15 @@ def plain_units(graph: fx.Graph, modules: dict[str, nn.Module], pointwise: set[i
         step = node
         while len(step.users) == 1:
             step = next(iter(step.users))
-            child = norm_act_child(modules[step.target]) if step.op == "call_module" else None
+            module = modules[step.target] if step.op == "call_module" else None
+            if isinstance(module, _NOT_NON_LINEARITIES):
+                break
+            child = norm_act_child(module) if module is not None else None
             if child is not None or _is_activation(step, modules):
+                if _feeds_gate(step, modules):  # the chain has its own SE / attention after it
+                    found.append(Skipped(step, SkipKind.GATED, "its non-linearity feeds an SE / attention gate "
+                                                               "already"))
+                    break
                 shape = _shape(step)
                 if shape is not None and len(shape) >= 3:
                     found.append(After(step, int(shape[1]), "plain", child, id(conv) in pointwise))

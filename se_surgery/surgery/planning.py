@@ -36,7 +36,7 @@ from .plain import plain_units, pointwise_after_depthwise
 from .positions import POSITIONS, Placement, place
 from .probe import Probe, probe_first
 from .refusals import grouped, no_unit
-from .residual import Residual, _shape, residual_units
+from .residual import Residual, _shape, learned_layers, residual_units
 from .skips import SkipKind, Skipped, Untraceable
 from .subclass import none_arguments, runs_generated_forward
 from .tracing import concrete_arguments, propagate_shapes, trace_module
@@ -255,7 +255,8 @@ def _plan_attached(model, modules, probe, chosen, where, leaves, autowrap_functi
             f"{'plain' if units == 'plain' else 'plain or multi-branch'} units, which have none: leave position at "
             "'standard' (the SE follows the unit's output)"
         )
-    gated = {n for n, m in modules.items() if is_layer(m, LayerKind.GATE) or "_se_surgery" in m.__dict__}
+    gated = {n for n, m in modules.items() if "_se_surgery" in m.__dict__
+             or (is_layer(m, LayerKind.GATE) and learned_layers(m) <= 3)}  # an SE / ECA / CBAM, not a SqueezeNet
     inside_gate = [o for o in [*probe.cat_owners, *probe.conv_owners]
                    if any(o == g or o.startswith(g + ".") for g in gated if g)]
     convs = [modules[n] for n in probe.inputs if isinstance(modules.get(n), nn.modules.conv._ConvNd)]
@@ -270,12 +271,16 @@ def _plan_attached(model, modules, probe, chosen, where, leaves, autowrap_functi
     if not found:
         raise _nothing_found(model, skipped, untraced, units)
     _only_separable(found, skipped)
-    sites, held = [], []
+    sites, held, graph_of = [], [], {}
     for owner, (graph, afters) in found.items():
         for after in afters:
-            site = site_for(owner, graph, after, modules, probe.calls, leaves, probe.inputs)
+            site = site_for(owner, graph, after, modules, probe.calls, leaves, probe.inputs, autowrap_functions)
             if isinstance(site, Skipped):
                 skipped.append((owner, site))
+            elif graph_of.setdefault(site.module, site.graph) is not site.graph or any(
+                    s.module == site.module and s.after is site.after for s in sites):
+                skipped.append((owner, Skipped(after.node, SkipKind.INNER_CONCAT,
+                                               "its tensor already gets an SE from another unit (one SE per tensor)")))
             elif se_children(modules[site.module]):
                 held.append((site.module, Skipped(site.after, SkipKind.HOLDS_SE, "it holds an SE from add_se")))
             else:
@@ -303,7 +308,8 @@ def _plan_attached(model, modules, probe, chosen, where, leaves, autowrap_functi
 
 def _only_separable(found: dict[str, tuple[fx.Graph, list[After]]], skipped: list) -> None:
     """In a network of depthwise separable units (MobileNet), keep only those (in place): its stem is no unit."""
-    if not any(a.separable for _, afters in found.values() for a in afters):
+    every = [a for _, afters in found.values() for a in afters]
+    if 2 * sum(a.separable for a in every) <= len(every):  # not a network built of them
         return
     for owner, (graph, afters) in list(found.items()):
         skipped += [(owner, Skipped(a.node, SkipKind.OUTSIDE_UNITS, "a convolution outside the network's depthwise "
@@ -357,9 +363,7 @@ def _trace_owners(
         module = modules[owner]
         args, kwargs = probe.inputs[owner]
         try:
-            concrete = concrete_arguments(module, args, kwargs)
-            graph = trace_module(module, owner, autowrap_functions=autowrap_functions, concrete_args=concrete)
-            propagate_shapes(module, graph, owner, args, kwargs)
+            graph = _traced(module, owner, args, kwargs, autowrap_functions)
         except SurgeryError as err:
             if strict:
                 raise
@@ -374,6 +378,23 @@ def _trace_owners(
         if found:
             units[owner] = (graph, found)
     return units, skipped, untraced
+
+
+def _traced(module: nn.Module, owner: str, args: tuple, kwargs: dict, autowrap_functions: Sequence[Callable]):
+    """``module``'s forward traced and its shapes propagated on its recorded call; retried with its lists of tensors
+    traced element by element (SelecSLS, VoVNet) when it does not trace with them as one value."""
+    concrete = concrete_arguments(module, args, kwargs)
+    try:
+        graph = trace_module(module, owner, autowrap_functions=autowrap_functions, concrete_args=concrete)
+        propagate_shapes(module, graph, owner, args, kwargs)
+        return graph
+    except SurgeryError:
+        listed = concrete_arguments(module, args, kwargs, lists=True)
+        if listed == concrete:
+            raise
+    graph = trace_module(module, owner, autowrap_functions=autowrap_functions, concrete_args=listed)
+    propagate_shapes(module, graph, owner, args, kwargs)
+    return graph
 
 
 def _nothing_found(model: nn.Module, skipped: list, untraced: list, units: str = "residual") -> SurgeryError:
@@ -513,15 +534,21 @@ def _placements(
 
 
 def other_paths(module: nn.Module, found: list[Residual]) -> list[str]:
-    """The methods of ``module``'s class other than ``forward`` (``forward_*``) that call a layer of one of the
-    ``found`` units' branches: another way through the block, which an SE put into ``forward`` would miss."""
+    """The methods of ``module``'s class other than ``forward`` (``forward_*``, but those ``forward`` calls) that call
+    a layer of one of the ``found`` units' branches: another way through the block, which an SE put into ``forward``
+    would miss."""
     branch = {n.target.split(".")[0] for unit in found for n in unit.path if n.op == "call_module"}
+    base = vars(type(module)).get("_se_surgery_base", type(module))
+    try:
+        called = set(re.findall(r"self\.(forward_\w+)\(", inspect.getsource(base.forward)))
+    except (OSError, TypeError):
+        called = set()
     names = []
     for cls in type(module).__mro__:
         if cls is nn.Module or not issubclass(cls, nn.Module) or "_se_surgery_base" in vars(cls):
             continue
         for name, method in vars(cls).items():
-            if not (name.startswith("forward_") and callable(method)) or name in names:
+            if not (name.startswith("forward_") and callable(method)) or name in names or name in called:
                 continue
             try:
                 source = inspect.getsource(method)

@@ -37,14 +37,15 @@ def _display(name: str) -> str:
     return f"`{name}`" if name else "the top-level model"
 
 
-def concrete_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+def concrete_arguments(module: nn.Module, args: tuple, kwargs: dict, lists: bool = False) -> dict[str, Any]:
     """fx ``concrete_args`` for the forward arguments of a recorded call that fx cannot trace as one opaque value.
 
     - None (passed, or left at a None default) is fixed to None, so ``if shortcut is None: shortcut = x`` (timm's
       DLA blocks) takes the branch the model really takes; the traced forward asserts it stays None.
     - A tuple or list of ints (a feature-map size, Twins' ``PosConv.forward(x, size)``) is traced element by element,
       so ``view(B, C, *size)`` works and the block still runs at any size.
-    - A list of tensors (DenseNet's and SelecSLS's feature lists) is traced element by element at its length.
+    - With ``lists``, a list of tensors (SelecSLS's and VoVNet's feature lists) is traced element by element at its
+      length: the retry for a forward that fx cannot trace with the list as one value (``len(x)``, ``x[1] = ...``).
     """
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
@@ -61,7 +62,7 @@ def concrete_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str
             concrete[key] = None
         elif isinstance(value, (tuple, list)) and value and all(type(v) is int for v in value):
             concrete[key] = [PH] * len(value) if isinstance(value, list) else (PH,) * len(value)  # torch.Size too
-        elif isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+        elif lists and isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
             concrete[key] = [PH] * len(value)  # a list of feature maps (DenseNet, SelecSLS, VoVNet): its length fixed
     return concrete
 
@@ -84,7 +85,8 @@ def trace_module(
     """
     tracer = _ShallowTracer(autowrap_functions=tuple(autowrap_functions))
     try:
-        graph = tracer.trace(module, concrete_args or None)
+        with _state_kept(module):
+            graph = tracer.trace(module, concrete_args or None)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError, ... depending on the construct
         reason = _first_line(err)
         raise SurgeryError(
@@ -94,8 +96,8 @@ def trace_module(
             f"autowrap_functions=[that_function]."
         ) from err
     _refuse_mode_dependent(module, name, graph, autowrap_functions, concrete_args)
-    if concrete_args:
-        _keep_annotations(module, graph, concrete_args)
+    if concrete_args and not any(isinstance(v, (list, tuple)) for v in concrete_args.values()):
+        _keep_annotations(module, graph, concrete_args)  # (a flattened list would put the placeholders out of step)
     return graph
 
 
@@ -111,6 +113,18 @@ def _keep_annotations(module: nn.Module, graph: fx.Graph, concrete_args: dict[st
         fixed = concrete_args.get(param.name, PH)
         if fixed is None and node.type is None and param.annotation is not inspect.Parameter.empty:
             node.type = param.annotation
+
+
+@contextlib.contextmanager
+def _state_kept(module: nn.Module):
+    """Give ``module`` its own attributes back after tracing it: a forward that caches what it computes
+    (torchvision's ``AnchorGenerator.cell_anchors``) would otherwise keep fx proxies, and fail when run."""
+    saved = {k: dict(v) if k in ("_parameters", "_buffers", "_modules") else v for k, v in vars(module).items()}
+    try:
+        yield
+    finally:
+        module.__dict__.clear()
+        module.__dict__.update(saved)
 
 
 def _first_line(err: Exception) -> str:
@@ -134,10 +148,13 @@ def _refuse_mode_dependent(
         pass
     module.training = not module.training  # the owner's own flag only: children are leaves of this trace
     try:
-        other = _ShallowTracer(autowrap_functions=tuple(autowrap_functions)).trace(module, concrete_args or None)
+        with _state_kept(module):
+            other = _ShallowTracer(autowrap_functions=tuple(autowrap_functions)).trace(module, concrete_args or None)
+    except Exception:  # the other mode's forward does not even trace: it surely differs
+        other = None
     finally:
         module.training = not module.training
-    if other.python_code("self").src != graph.python_code("self").src:
+    if other is None or other.python_code("self").src != graph.python_code("self").src:
         raise SurgeryError(
             f"the forward of {_display(name)} ({type(module).__name__}) branches on self.training, which torch.fx "
             "would freeze at trace time (the block would act the same in train and eval mode). Move that logic "
@@ -173,8 +190,8 @@ def propagate_shapes(module: nn.Module, graph: fx.Graph, name: str, args: tuple,
 
     ShapeProp prints a traceback to stderr before it re-raises; that print is swallowed (the error carries it).
     """
-    gm = fx.GraphModule(module, graph)
     try:
+        gm = fx.GraphModule(module, graph)
         # BatchNorm must not update its running statistics here
         with eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*_positional_inputs(module, graph, args, kwargs))
