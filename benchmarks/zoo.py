@@ -322,8 +322,8 @@ def write_rows(rows: dict[str, Row]) -> None:
 
 def category(reason: str) -> str:
     """A refusal in a few words, for the summary."""
-    if "found no residual sum" in reason:
-        return "no residual sum (plain, concatenating or token-only network)"
+    if "found no residual sum" in reason or "found no unit" in reason:
+        return "no unit (no residual sum, concatenation of branches or convolution and non-linearity)"
     kinds = [
         ("already holds an SE", "branches already gated (SE / attention)"),
         ("-D tensors", "token sums only"),
@@ -334,6 +334,7 @@ def category(reason: str) -> str:
         ("neither is the skip", "ties"),
         ("a skip has at most one", "two-layer skips"),
         ("only a piece", "inner split sums"),
+        ("computes the block in", "blocks that compute their sum in a second method (forward_with_tap)"),
     ]
     found = [label for key, label in kinds if key in reason]
     return " + ".join(found) or reason[:80]
