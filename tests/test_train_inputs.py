@@ -127,10 +127,10 @@ def test_the_recipes_arch_kwargs_stay_where_they_fit_and_typed_ones_always(demo_
     assert typed.arch_kwargs == {"zero_init_residual": True}  # the user's own: kept, and refused when built
 
 
-def test_a_plain_network_and_typed_arch_kwargs_it_rejects_are_one_line(tmp_path, capsys, demo_with_arch_kwargs):
-    err = one_line_error(main, capsys, [*ONE_STEP, "--arch", "vgg11", "--out", str(tmp_path / "vgg")])
-    assert "found no residual sum in VGG" in err and "zero_init_residual" not in err, err  # add_se's SurgeryError
-    assert not (tmp_path / "vgg" / "last.pt").exists()
+def test_a_transformer_and_typed_arch_kwargs_it_rejects_are_one_line(tmp_path, capsys, demo_with_arch_kwargs):
+    err = one_line_error(main, capsys, [*ONE_STEP, "--arch", "vit_b_16", "--out", str(tmp_path / "vit")])
+    assert "VisionTransformer failed on the example input" in err and "zero_init_residual" not in err, err
+    assert not (tmp_path / "vit" / "last.pt").exists()
     err = one_line_error(main, capsys, [*ONE_STEP, "--arch", "mobilenet_v2", "--arch-kwargs",
                                         '{"zero_init_residual": true}', "--out", str(tmp_path / "typed")])
     assert ('--arch-kwargs {"zero_init_residual": true} do not fit mobilenet_v2' in err
