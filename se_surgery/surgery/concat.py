@@ -22,15 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
 
-from .residual import _REORDER, _ancestors, _heaviest_path, _shape, learned_layers
+from .residual import _REORDER, CATS, _ancestors, _heaviest_path, _shape, learned_weight
 from .skips import SkipKind, Skipped
 
-__all__ = ["After", "concat_units", "CATS"]
+__all__ = ["After", "concat_units", "channel_cat", "channels_first"]
 
-CATS = {torch.cat, torch.concat, torch.concatenate}
 _PIECES = {"chunk", "split", "tensor_split", "narrow", "getitem", "unbind"}
 _CONV_FUNCTIONS = {"conv1d", "conv2d", "conv3d"}
 
@@ -46,13 +44,6 @@ class After:
     kind: str
     inside: str | None = None
     separable: bool = False
-
-
-def _weight(node: fx.Node, modules: dict[str, nn.Module]) -> int:
-    if node.op == "call_module":
-        return learned_layers(modules[node.target])
-    name = getattr(node.target, "__name__", "")
-    return int(node.op == "call_function" and name in {*_CONV_FUNCTIONS, "linear"})
 
 
 def channel_cat(node: fx.Node) -> list[fx.Node] | None:
@@ -112,7 +103,7 @@ def _classify(cat: fx.Node, operands: list[fx.Node], modules: dict, order: dict)
     inputs = [n for n in cat.graph.nodes if n.op == "placeholder"]
 
     def carried(op: fx.Node) -> int:
-        return max((_heaviest_path(p, op, order, lambda n: _weight(n, modules))[0] for p in inputs
+        return max((_heaviest_path(p, op, order, lambda n: learned_weight(n, modules))[0] for p in inputs
                     if p in _ancestors(op) or p is op), default=0)
 
     # carried forward unchanged: the block's input (or a piece of it), or features another operand was computed from

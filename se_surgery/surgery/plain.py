@@ -20,11 +20,11 @@ from torch import fx, nn
 
 from .concat import After
 from .layer_types import LayerKind, is_layer
-from .positions import _is_activation, _is_norm_or_pass_through
+from .positions import _is_activation, _is_norm_or_pass_through, is_activation_module
 from .residual import _shape, learned_layers
 from .skips import SkipKind, Skipped
 
-__all__ = ["plain_units", "norm_act_child", "pointwise_after_depthwise"]
+__all__ = ["plain_units", "norm_act_child", "pointwise_after_depthwise", "is_gate_module"]
 
 _CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d}
 # output and gate non-linearities: an SE after a softmax would break its sum to 1, after a sigmoid gate double it
@@ -44,14 +44,9 @@ def _conv_of(node: fx.Node, modules: dict[str, nn.Module]) -> nn.modules.conv._C
         return module
     inside = list(module.modules())
     convs = [m for m in inside if isinstance(m, nn.modules.conv._ConvNd)]
-    if learned_layers(module) == 1 and convs and not any(_activation_module(m) for m in inside):
+    if learned_layers(module) == 1 and convs and not any(is_activation_module(m) for m in inside):
         return convs[0]
     return None
-
-
-def _activation_module(module: nn.Module) -> bool:
-    return type(module).__module__ == "torch.nn.modules.activation" or (
-        is_layer(module, LayerKind.ACTIVATION) and learned_layers(module) == 0)
 
 
 def norm_act_child(module: nn.Module) -> str | None:
@@ -60,7 +55,7 @@ def norm_act_child(module: nn.Module) -> str | None:
     if learned_layers(module) or not norm:
         return None
     act = getattr(module, "act", None)
-    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity) and _activation_module(act):
+    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity) and is_activation_module(act):
         return "act"
     return None
 
@@ -83,10 +78,15 @@ def pointwise_after_depthwise(convs: list[nn.modules.conv._ConvNd]) -> set[int]:
             and b.in_channels == a.out_channels}
 
 
+def is_gate_module(module: nn.Module) -> bool:
+    """An SE / ECA / CBAM-sized gate module (a registered gate with at most 3 learned layers), not a network whose
+    class name reads like one (SqueezeNet)."""
+    return is_layer(module, LayerKind.GATE) and learned_layers(module) <= 3
+
+
 def _feeds_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node``'s output goes into an SE / attention gate module (a network with SE of its own)."""
-    return any(user.op == "call_module" and is_layer(modules[user.target], LayerKind.GATE)
-               and learned_layers(modules[user.target]) <= 3 for user in node.users)
+    return any(user.op == "call_module" and is_gate_module(modules[user.target]) for user in node.users)
 
 
 def plain_units(graph: fx.Graph, modules: dict[str, nn.Module],

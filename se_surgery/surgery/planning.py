@@ -30,13 +30,12 @@ from .attach import resolution_names, site_for
 from .concat import After, concat_units
 from .config import SEConfig
 from .inputs import check_example, check_model, default_examples, leaf_names, unresized
-from .layer_types import LayerKind, is_layer
 from .naming import paper_names_for, se_children, se_name
-from .plain import plain_units, pointwise_after_depthwise
+from .plain import is_gate_module, plain_units, pointwise_after_depthwise
 from .positions import POSITIONS, Placement, place
 from .probe import Probe, probe_first
 from .refusals import grouped, no_unit
-from .residual import Residual, _shape, learned_layers, residual_units
+from .residual import Residual, _shape, residual_units
 from .skips import SkipKind, Skipped, Untraceable
 from .subclass import none_arguments, runs_generated_forward
 from .tracing import concrete_arguments, propagate_shapes, trace_module
@@ -255,8 +254,7 @@ def _plan_attached(model, modules, probe, chosen, where, leaves, autowrap_functi
             f"{'plain' if units == 'plain' else 'plain or multi-branch'} units, which have none: leave position at "
             "'standard' (the SE follows the unit's output)"
         )
-    gated = {n for n, m in modules.items() if "_se_surgery" in m.__dict__
-             or (is_layer(m, LayerKind.GATE) and learned_layers(m) <= 3)}  # an SE / ECA / CBAM, not a SqueezeNet
+    gated = {n for n, m in modules.items() if "_se_surgery" in m.__dict__ or is_gate_module(m)}
     inside_gate = [o for o in [*probe.cat_owners, *probe.conv_owners]
                    if any(o == g or o.startswith(g + ".") for g in gated if g)]
     convs = [modules[n] for n in probe.inputs if isinstance(modules.get(n), nn.modules.conv._ConvNd)]

@@ -42,12 +42,17 @@ def _module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
     return modules[node.target] if node.op == "call_module" else None
 
 
+def is_activation_module(module: nn.Module) -> bool:
+    """A torch.nn activation, or a registered activation type holding no learned layer."""
+    return type(module).__module__ == "torch.nn.modules.activation" or bool(
+        is_layer(module, LayerKind.ACTIVATION) and learned_layers(module) == 0
+    )
+
+
 def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     module = _module(node, modules)
     if module is not None:
-        return type(module).__module__ == "torch.nn.modules.activation" or bool(
-            is_layer(module, LayerKind.ACTIVATION) and learned_layers(module) == 0
-        )
+        return is_activation_module(module)
     return (node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS) or (
         node.op == "call_method" and node.target in _ACTIVATION_METHODS
     )

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import SurgeryError
 from ..modes import eval_mode
 from .input_shape import example_call, input_channels
+from .residual import CATS
 
 __all__ = ["Probe", "probe_sums", "probe_first", "input_channels"]
 
@@ -33,7 +34,6 @@ _ADDS = {
     Tensor.__iadd__,
     Tensor.__radd__,
 }
-_CATS = {torch.cat, torch.concat, torch.concatenate}
 _CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 
 
@@ -63,7 +63,7 @@ class _SumSpy(TorchFunctionMode):
             a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
             if isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() >= 3 and a.shape == b.shape:
                 _note(self.probe.owners, self.stack[-1])
-        elif func in _CATS and self.stack and _channel_cat(args, kwargs, self.received[-1]):
+        elif func in CATS and self.stack and _channel_cat(args, kwargs, self.received[-1]):
             _note(self.probe.cat_owners, self.stack[-1])
         elif func in _CONVS and self.stack and self.stack[-1] not in self.convs:  # F.conv2d in a block's forward
             _note(self.probe.conv_owners, self.stack[-1])

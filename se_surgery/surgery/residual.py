@@ -98,6 +98,15 @@ def learned_layers(module: nn.Module) -> int:
     return sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in module.modules())
 
 
+def learned_weight(node: fx.Node, modules: dict[str, nn.Module]) -> int:
+    """The learned layers graph node ``node`` runs: a module's (:func:`learned_layers`), or 1 for a functional
+    convolution or linear map."""
+    if node.op == "call_module":
+        return learned_layers(modules[node.target])
+    name = getattr(node.target, "__name__", "")
+    return int(node.op == "call_function" and name in {"conv1d", "conv2d", "conv3d", "linear"})
+
+
 def _ancestors(node: fx.Node) -> set[fx.Node]:
     seen, todo = set(), list(node.all_input_nodes)
     while todo:
@@ -144,7 +153,8 @@ def _pass_through_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node
     return None
 
 
-_CONCAT = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+CATS = {torch.cat, torch.concat, torch.concatenate}  # the concatenations (the multi-branch rule's, the probe's)
+_CONCAT = {*CATS, torch.stack}
 _REORDER = re.compile(r"permute|transpose|movedim|swapaxes|flatten|reshape|view|unflatten", re.IGNORECASE)
 
 
@@ -362,10 +372,7 @@ def classify_sum(
             return _not_channels_first(add, rank, max(seen, key=("none", "reorder", "linear").index))
 
     def weight(n: fx.Node) -> int:
-        if n.op == "call_module":
-            return learned_layers(modules[n.target])
-        name = getattr(n.target, "__name__", "")
-        return int(n.op == "call_function" and name in {"conv1d", "conv2d", "conv3d", "linear"})
+        return learned_weight(n, modules)
 
     common = (_ancestors(a) | {a}) & (_ancestors(b) | {b})
     if common:
