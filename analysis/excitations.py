@@ -207,8 +207,10 @@ def _from_checkpoint(args: argparse.Namespace) -> Source:
     cfg = info["model_config"]
     data = args.data or cfg["data"]
     # every split through the evaluation transforms: the study measures the network, not the augmentation
+    # a run trained on some of the folder's classes (the trainer's --classes) is studied on those
+    subset = (info.get("config") or {}).get("classes")
     dataset = build_dataset(data, args.split, input_size=cfg["input_size"], resize=cfg["resize"], mean=cfg["mean"],
-                            train=False)
+                            std=cfg.get("std"), classes=subset, train=False)
     _check_classes([str(c) for c in dataset.classes], cfg.get("class_names"), data, cfg["data"])
     facts = {"checkpoint": str(Path(args.ckpt).resolve()), "arch": cfg.get("arch"), "epoch": info.get("epoch"),
              "checkpoint_metrics": info.get("metrics"), "data": data}

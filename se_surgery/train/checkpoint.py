@@ -3,8 +3,10 @@
 A checkpoint is a dict of plain data and tensors only, so ``torch.load(path, weights_only=True)`` reads it:
 ``model`` (state_dict), ``model_config`` (see :mod:`se_surgery.train.models`), ``config`` (the resolved recipe),
 ``epoch`` (epochs completed), ``epoch_step`` (optimizer steps into the next epoch), ``step`` (optimizer steps in all),
-``metrics`` (the last epoch's), plus the trainer's ``optimizer``, ``scheduler``, ``sampler`` and ``progress``
-states. There is no RNG state to restore: the trainer reseeds from ``(seed, epoch, step, rank)`` at every step.
+``metrics`` (the last epoch's), plus the trainer's ``optimizer``, ``groups`` (the names of the parameters at
+``--se-lr`` and of the frozen ones; ``None``: one group), ``sampler`` and ``progress`` states (checkpoints written
+before the learning rate was set per step also hold a ``scheduler`` state, which is no longer needed). There is no
+RNG state to restore: the trainer reseeds from ``(seed, epoch, step, rank)`` at every step.
 """
 
 from __future__ import annotations

@@ -9,12 +9,13 @@ import logging
 import typing
 from pathlib import Path
 
+from ..archs import split_arch
 from ..cli import ArgumentParser, run_cli
 from ..errors import TrainError
 from .distributed import is_rank_zero
 from .loop import train
 from .metrics import METRICS_NAME, read_metrics
-from .recipe import PAPER, RECIPES, Recipe, recipe_from_flags
+from .recipe import PAPER, RECIPE_NAMES, RECIPES, Recipe, recipe_from_flags
 from .resume import ResumePoint, resolve_resume
 
 __all__ = ["main", "build_parser"]
@@ -71,10 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=Path, default=Path("runs/train"), help="run folder (default: runs/train)")
-    run.add_argument("--recipe", choices=sorted(RECIPES), help="base recipe (default: demo on digits, else paper)")
+    run.add_argument("--recipe", choices=RECIPE_NAMES,
+                     help="base recipe: demo (the digits' default), paper (a folder's default), or finetune, the "
+                     "data's default made for a start from --weights FILE: identity-initialised SE, a tenth of the "
+                     "learning rate for the pretrained weights, warmup and cosine decay")
     run.add_argument("--resume", metavar="auto|PATH", help="continue from OUT/last.pt (auto) or from a checkpoint")
     run.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb (needs tensorboard)")
     run.add_argument("--no-progress", action="store_true", help="no tqdm bars (e.g. in batch jobs)")
+    run.add_argument("--trust-factory", action="store_true",
+                     help="resume a run whose --arch is a module:factory without naming it again (it imports and "
+                     "calls that code; a checkpoint never does so on its own)")
     recipe = parser.add_argument_group("recipe (each defaults to the chosen recipe's value)")
     hints = typing.get_type_hints(Recipe)
     demo = RECIPES["demo"]
@@ -101,7 +108,17 @@ def _recipe_from(args: argparse.Namespace) -> tuple[Recipe, ResumePoint]:
     (:data:`~se_surgery.train.resume.RESUME_MAY_CHANGE`), before it rewrites ``config.json``.
     """
     start = resolve_resume(args.resume, args.out)
+    if start.config is not None:
+        _check_factory_trusted(start.config.get("arch", ""), args, start.path)
     return recipe_from_flags(args, saved=start.config), start
+
+
+def _check_factory_trusted(arch: str, args: argparse.Namespace, path: Path | None) -> None:
+    """A resumed run built by a ``module:factory`` imports that code only if the command line names it again."""
+    if split_arch(arch)[0] != "factory" or args.trust_factory or getattr(args, "arch", None) == arch:
+        return
+    raise TrainError(f"{path} was trained with --arch {arch}, code that a checkpoint does not import on its own: pass "
+                     f"--arch {arch} (or --trust-factory) if you trust it")
 
 
 def main(argv: list[str] | None = None) -> int:

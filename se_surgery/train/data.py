@@ -27,8 +27,8 @@ from torchvision.transforms import v2
 
 from ..errors import DataError
 
-__all__ = ["DIGITS", "IMAGENET_MEAN", "Digits", "build_dataset", "build_transform", "default_mean", "to_rgb",
-           "unwrap_worker_error"]
+__all__ = ["DIGITS", "IMAGENET_MEAN", "ClassSubset", "Digits", "build_dataset", "build_transform", "default_mean",
+           "to_rgb", "unwrap_worker_error"]
 
 DIGITS = "digits"
 # Per-channel ImageNet mean in [0, 1] pixel units (torchvision's weights use it): the mean that "mean-channel
@@ -65,6 +65,41 @@ class Digits(Dataset):
 
 
 @functools.lru_cache(maxsize=2)
+class ClassSubset(Dataset):
+    """The images of some of ``dataset``'s classes (``--classes``), renumbered 0..k-1 in the dataset's own order.
+
+    Args:
+        dataset: A dataset with ``.classes`` and ``.targets`` (and ``.samples``, an image folder's, if it has them).
+        classes: The class names to keep.
+        data: The data's name, for the message.
+
+    Raises:
+        DataError: a name that is not one of ``dataset``'s classes.
+    """
+
+    def __init__(self, dataset: Dataset, classes: Sequence[str], data: str = "the data") -> None:
+        unknown = [c for c in classes if c not in dataset.classes]
+        if unknown:
+            shown = ", ".join(dataset.classes[:12]) + (" ..." if len(dataset.classes) > 12 else "")
+            raise DataError(f"--classes {' '.join(unknown)}: no such class in {data} (it has {shown}): pass names of "
+                            "its class folders")
+        wanted = set(classes)
+        self.classes: list[str] = [c for c in dataset.classes if c in wanted]
+        self.remap = {dataset.classes.index(c): i for i, c in enumerate(self.classes)}
+        self.indices = [i for i, t in enumerate(dataset.targets) if t in self.remap]
+        self.targets: list[int] = [self.remap[dataset.targets[i]] for i in self.indices]
+        if hasattr(dataset, "samples"):
+            self.samples = [(dataset.samples[i][0], t) for i, t in zip(self.indices, self.targets)]
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        image, target = self.dataset[self.indices[index]]
+        return image, self.remap[target]
+
+
 def _digits_split(split: str) -> tuple[torch.Tensor, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -97,6 +132,7 @@ def build_transform(
     mean: Sequence[float],
     min_scale: float = 0.08,
     flip: bool = True,
+    std: Sequence[float] | None = None,
 ) -> v2.Compose:
     """The recipe's transform: PIL image or ``uint8`` tensor in, mean-subtracted ``float32`` tensor out.
 
@@ -108,6 +144,7 @@ def build_transform(
         mean: Per-channel mean in [0, 1] pixel units; subtracted, with no division by the std.
         min_scale: Smallest crop area fraction for training (0.08 is the Inception-style random-size crop).
         flip: Random horizontal flip for training.
+        std: Per-channel std to divide by after the mean; ``None``: none (the paper's mean subtraction only).
     """
     if train:
         steps = [v2.RandomResizedCrop(input_size, scale=(min_scale, 1.0), antialias=True)]
@@ -115,7 +152,7 @@ def build_transform(
     else:
         resize = resize or round(input_size * 256 / 224)
         steps = [v2.Resize(resize, antialias=True), v2.CenterCrop(input_size)]
-    std = [1.0, 1.0, 1.0]  # mean subtraction only, as in the paper
+    std = [1.0, 1.0, 1.0] if std is None else list(std)  # None: mean subtraction only, as in the paper
     return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), std)])
 
 
@@ -184,6 +221,8 @@ def build_dataset(
     train: bool | None = None,
     min_scale: float = 0.08,
     flip: bool = True,
+    std: Sequence[float] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> Dataset:
     """A dataset with ``.classes`` (names) and ``.targets`` (class indices), transformed as the recipe says.
 
@@ -196,9 +235,11 @@ def build_dataset(
         train: Training (random) transforms; ``None`` means ``split == "train"``.
         min_scale: Smallest random-crop area fraction (training only).
         flip: Random horizontal flip (training only).
+        std: Per-channel std to divide by (``None``: none, the paper's mean subtraction).
+        classes: Keep these classes only (:class:`ClassSubset`); ``None``: all.
 
     Raises:
-        DataError: The folder, a split, or a class folder is missing or empty.
+        DataError: The folder, a split, or a class folder is missing or empty; a class of ``classes`` is not in it.
 
     Examples:
         >>> val = build_dataset("digits", "val", input_size=32, resize=32)
@@ -214,7 +255,13 @@ def build_dataset(
         mean=default_mean(data) if mean is None else mean,
         min_scale=min_scale,
         flip=flip,
+        std=std,
     )
+    dataset = _dataset(data, split, transform)
+    return dataset if classes is None else ClassSubset(dataset, classes, data)
+
+
+def _dataset(data: str, split: str, transform: v2.Compose) -> Dataset:
     if data == DIGITS:
         return Digits(split, transform)
     root = Path(data).expanduser()

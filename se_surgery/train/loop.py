@@ -37,10 +37,12 @@ from .distributed import Env, all_sum, broadcast_buffers, check_replicas_in_sync
 from .image_check import check_image_headers
 from .metrics import MetricsWriter, topk_correct
 from .models import build_training_model
+from .pretrained import freeze_norms, model_from_weights, run_groups
 from .recipe import Recipe
 from .resume import ResumePoint, apply_schedule_changes, check_resume_changes, check_same_model, resolve_resume
 from .run_lock import RunLock
 from .sampling import ClassAwareSampler, ShuffleSampler
+from .schedule import group_lrs, lr_factor, param_groups, set_lrs
 from .seeding import SeededDataset, SeededDraws, seed_of
 
 __all__ = ["train"]
@@ -116,9 +118,9 @@ class RunState:
     raw: nn.Module  # what is saved: no wrapper in the state_dict keys
     model_config: dict[str, Any]
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.StepLR
     sampler: ClassAwareSampler | ShuffleSampler
     steps_per_epoch: int
+    groups: dict[str, list[str]] | None = None  # parameter names: "new" (at --se-lr), "frozen"; None: one group
     best: float = -1.0  # best val top-1 so far
     metrics: dict[str, Any] | None = None  # the last finished epoch's metrics line
     position: tuple[int, int] = (0, 0)  # (epoch, steps into it) the training has reached
@@ -136,7 +138,7 @@ class RunState:
         sampler.update(epoch=epoch, position=epoch_step * self.recipe.batch_size)
         return {
             "model": self.raw.state_dict(), "model_config": self.model_config, "config": self.recipe.to_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "sampler": sampler,
+            "optimizer": self.optimizer.state_dict(), "groups": self.groups, "sampler": sampler,
             "epoch": epoch, "epoch_step": epoch_step, "step": epoch * self.steps_per_epoch + epoch_step,
             "progress": totals, "best_top1": self.best, "metrics": self.metrics, "world_size": self.env.world_size,
         }
@@ -204,6 +206,8 @@ def _train(recipe: Recipe, out: Path, resume: str | Path | ResumePoint | None, t
     live.append(run)
     loader, val_loader = _loaders(run, train_set, val_set, micro)
     writer = _open_run_folder(run, start, tensorboard, micro) if env.is_main else None
+    if start.state is None and (recipe.weights is not None or recipe.pretrained):
+        _evaluate_start(run, val_loader, writer)
     for epoch in range(start_epoch, recipe.epochs):
         _run_epoch(run, loader, val_loader, epoch, epoch_step, totals, progress, writer)
         epoch_step, totals = 0, torch.zeros(3, dtype=torch.float64)
@@ -239,7 +243,8 @@ def _micro_batch(recipe: Recipe, env: Env) -> int:
 
 def _datasets(recipe: Recipe, env: Env) -> tuple[Any, Any, int]:
     """``(train_set, val_set, steps_per_epoch)``: the training stream is num_samples // batch_size whole batches."""
-    common = dict(input_size=recipe.input_size, resize=recipe.resize, mean=recipe.mean)
+    common = dict(input_size=recipe.input_size, resize=recipe.resize, mean=recipe.mean, std=recipe.std,
+                  classes=recipe.classes)
     train_set = build_dataset(recipe.data, "train", min_scale=recipe.min_scale, flip=recipe.flip, **common)
     val_set = build_dataset(recipe.data, "val", **common)
     if list(val_set.classes) != list(train_set.classes):
@@ -260,21 +265,28 @@ def _set_up(recipe: Recipe, env: Env, out: Path, train_set: Any, steps_per_epoch
     Every rank builds identical initial weights (DDP also broadcasts rank 0's) and draws its share of the stream.
     """
     torch.manual_seed(recipe.seed)
-    raw, model_config = build_training_model(recipe, list(train_set.classes))
+    classes = list(train_set.classes)
+    if start.state is None and recipe.weights is not None:
+        raw, model_config, groups = model_from_weights(recipe, classes)
+    else:
+        raw, model_config = build_training_model(recipe, classes)
+        groups = run_groups(raw, recipe) if start.state is None else start.state.get("groups")
     if start.state is not None:
         check_same_model(start.state["model_config"], model_config, start.path)
         raw.load_state_dict(start.state["model"])
+    frozen = set(groups["frozen"]) if groups else set()
+    for name, p in raw.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)  # before DDP, which buckets only the trained ones
     raw, model = _wrap(raw, recipe, env)
-    optimizer = torch.optim.SGD(
-        raw.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
+    optimizer = torch.optim.SGD(param_groups(raw, recipe, groups["new"] if groups else None, frozen),
+                                lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     sampler_class = ClassAwareSampler if recipe.class_aware else ShuffleSampler
     sampler = sampler_class(
         train_set.targets if recipe.class_aware else len(train_set),
         num_replicas=env.world_size, rank=env.rank, seed=recipe.seed, num_samples=steps_per_epoch * recipe.batch_size,
     )
-    return RunState(recipe, env, out, model, raw, model_config, optimizer, scheduler, sampler, steps_per_epoch)
+    return RunState(recipe, env, out, model, raw, model_config, optimizer, sampler, steps_per_epoch, groups)
 
 
 def _restore(run: RunState, start: ResumePoint) -> tuple[int, int, torch.Tensor]:
@@ -287,8 +299,7 @@ def _restore(run: RunState, start: ResumePoint) -> tuple[int, int, torch.Tensor]
     if start.state is not None:
         state = start.state
         run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        apply_schedule_changes(state["config"], run.recipe, run.optimizer, run.scheduler, state["epoch"])
+        apply_schedule_changes(state["config"], run.recipe, run.optimizer)
         start_epoch, epoch_step, run.best, run.metrics = (state["epoch"], state["epoch_step"], state["best_top1"],
                                                           state.get("metrics"))
         if run.env.is_main:  # rank 0 carries the interrupted epoch's partial sums; the all-reduce adds others' zeros
@@ -340,16 +351,16 @@ def _run_epoch(run: RunState, loader: DataLoader, val_loader: DataLoader, epoch:
     recipe, env, raw = run.recipe, run.env, run.raw
     run.sampler.set_epoch(epoch)
     run.sampler.position = epoch_step * recipe.batch_size
-    started, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
+    started, factor = time.perf_counter(), lr_factor(recipe, epoch, 0, run.steps_per_epoch)
     totals, images = _train_epoch(run, loader, epoch, epoch_step, totals, progress)
     train_seconds = time.perf_counter() - started
-    run.scheduler.step()
     broadcast_buffers(raw, env)
     val = _evaluate(raw, val_loader, env, recipe)
     crc = check_replicas_in_sync(raw, env)
     loss_sum, correct, seen = totals.tolist()
     run.metrics = {
-        "epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen, **val,
+        "epoch": epoch + 1, **_rates(run, factor), "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
+        **val,
         "images_per_s": images / train_seconds, "seconds": time.perf_counter() - started,
         "world_size": env.world_size, "weights_crc32": crc,
     }
@@ -359,6 +370,24 @@ def _run_epoch(run: RunState, loader: DataLoader, val_loader: DataLoader, epoch:
     if writer is not None:
         writer.write(run.metrics)
         log.info("epoch %d/%d: %s", epoch + 1, recipe.epochs, _format_metrics(run.metrics))
+
+
+def _rates(run: RunState, factor: float) -> dict[str, float]:
+    """The metrics' learning rates at an epoch's first step: ``lr``, and ``se_lr`` when the new parameters have their
+    own."""
+    lrs = group_lrs(run.recipe)
+    split = run.groups is not None and any(g.get("name") == "new" for g in run.optimizer.param_groups)
+    return {"lr": lrs["pretrained"] * factor, **({"se_lr": lrs["new"] * factor} if split else {})}
+
+
+def _evaluate_start(run: RunState, val_loader: DataLoader, writer: MetricsWriter | None) -> None:
+    """A run from pretrained weights: evaluate them before any step, as ``metrics.jsonl``'s epoch-0 line."""
+    val = _evaluate(run.raw, val_loader, run.env, run.recipe)
+    row = {"epoch": 0, **val, "world_size": run.env.world_size}
+    if writer is not None:
+        writer.write(row)
+        log.info("epoch 0 (the starting weights): val_loss %.4g, val_top1 %.4g, val_top5 %.4g", val["val_loss"],
+                 val["val_top1"], val["val_top5"])
 
 
 def _wrap(model: nn.Module, recipe: Recipe, env: Env) -> tuple[nn.Module, nn.Module]:
@@ -394,6 +423,8 @@ def _train_epoch(run: RunState, loader: DataLoader, epoch: int, epoch_step: int,
     recipe, env, model, optimizer = run.recipe, run.env, run.model, run.optimizer
     steps, accum = run.steps_per_epoch, recipe.accum_steps
     model.train()
+    if recipe.freeze_backbone:
+        freeze_norms(run.raw)
     local = torch.zeros(3, dtype=torch.float64)
     bar = tqdm(total=steps, initial=epoch_step, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="step",
                disable=not (progress and env.is_main), dynamic_ncols=True, leave=False)
@@ -414,6 +445,7 @@ def _train_epoch(run: RunState, loader: DataLoader, epoch: int, epoch_step: int,
         micro_index += 1
         if not last_micro:
             continue
+        set_lrs(optimizer, recipe, lr_factor(recipe, epoch, step, steps))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step, micro_index = step + 1, 0

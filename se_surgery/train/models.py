@@ -2,8 +2,8 @@
 
 A ``model_config`` is JSON-able and holds everything needed: ``arch`` (a ``torchvision.models.get_model`` name or
 ``timm:<name>``), ``arch_kwargs``, ``surgery`` (see :func:`surgery_dict`; ``None`` for the plain model),
-``num_classes``, ``class_names``, and the data settings ``data``, ``input_size``, ``resize`` and ``mean`` that the
-evaluation transform needs.
+``num_classes``, ``class_names``, and the data settings ``data``, ``input_size``, ``resize``, ``mean`` and (when the
+recipe divides by one) ``std`` that the evaluation transform needs.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from ..errors import TrainError
 from ..surgery import SEConfig, add_se, se_blocks
 from ..surgery.naming import owner_of
 
-__all__ = ["TIMM_PREFIX", "split_arch", "accepted_kwargs", "build_model", "build_training_model", "make_model_config",
-           "se_config_of", "surgery_dict"]
+__all__ = ["TIMM_PREFIX", "split_arch", "accepted_kwargs", "add_configured_se", "build_model", "build_training_model",
+           "make_model_config", "record_owners", "se_config_of", "surgery_dict"]
 
 log = logging.getLogger(__name__)
 _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
@@ -103,6 +103,15 @@ def build_model(config: dict[str, Any], *, pretrained: bool = False) -> nn.Modul
             f"cannot fetch pretrained weights for {config['arch']} ({e}); offline, copy the weights file into "
             f"{get_dir()}/checkpoints, or drop --pretrained"
         ) from None
+    return add_configured_se(model, config)
+
+
+def add_configured_se(model: nn.Module, config: dict[str, Any]) -> nn.Module:
+    """``model`` with the SE blocks ``config``'s ``surgery`` describes (in place); as it is when that is ``None``.
+
+    Raises:
+        SurgeryError: the surgery fails on this architecture.
+    """
     surgery = config.get("surgery")
     if surgery:
         owners, where = surgery.get("owners"), surgery.get("where")
@@ -156,6 +165,7 @@ def make_model_config(recipe: Any, class_names: list[str], owners: list[str] | N
         "input_size": recipe.input_size,
         "resize": recipe.resize,
         "mean": list(recipe.mean),
+        **({"std": list(recipe.std)} if recipe.std is not None else {}),
     }
 
 
@@ -168,6 +178,11 @@ def build_training_model(recipe: Any, class_names: list[str]) -> tuple[nn.Module
     """
     config = make_model_config(recipe, class_names)
     model = build_model(config, pretrained=recipe.pretrained)
+    record_owners(model, config)
+    return model, config
+
+
+def record_owners(model: nn.Module, config: dict[str, Any]) -> None:
+    """Put the exact owners of ``model``'s SE blocks into ``config``'s ``surgery`` (if it has one)."""
     if config["surgery"] is not None:
         config["surgery"]["owners"] = list(dict.fromkeys(owner_of(name)[0] for name in se_blocks(model)))
-    return model, config

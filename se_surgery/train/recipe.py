@@ -21,7 +21,8 @@ from ..errors import SurgeryError, TrainError
 from ..surgery import SEConfig
 from .data import DIGITS, default_mean
 
-__all__ = ["Recipe", "RECIPES", "SE_FIELDS", "get_recipe", "flag_of", "given_flags", "recipe_from_flags"]
+__all__ = ["Recipe", "RECIPES", "RECIPE_NAMES", "SCHEDULES", "FINETUNE", "SE_FIELDS", "get_recipe", "flag_of",
+           "given_flags", "recipe_from_flags"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ SE_FIELDS = {"reduction": "reduction", "se_init": "init", "position": "position"
              "excitation": "excitation", "se_bias": "bias"}
 """Recipe field -> the :class:`~se_surgery.SEConfig` option it sets (the recipe's names are its flags')."""
 _SE_DEFAULTS, _SE_CHOICES = SEConfig.defaults(), SEConfig.choices()
+SCHEDULES = ("step", "cosine")
+"""The learning-rate schedules (see :mod:`se_surgery.train.schedule`)."""
 
 
 def _flag(default: Any, help: str, **kw: Any) -> Any:
@@ -65,12 +68,29 @@ class Recipe:
                                "(layer3) or paper names (SE_5_2); default: every residual block", nargs="+", type=str,
                                metavar="STAGE|BLOCK")
     pretrained: bool = _flag(False, "start from torchvision's/timm's pretrained weights (downloads them)")
+    weights: str | None = _flag(None, "start from this weights file: a state_dict (torch.save), .safetensors, a timm "
+                                "train.py or torchvision-reference checkpoint, or one of ours; plain weights load "
+                                "before add_se, SE weights after (read from the keys); a classifier of another class "
+                                "count is replaced by a new head", metavar="FILE")
+    ema: bool = _flag(False, "with --weights: take the file's EMA weights (timm's state_dict_ema, torchvision's "
+                      "model_ema)")
+    new_head: bool = _flag(False, "with --weights: a new, randomly initialised classifier even when the file's fits "
+                           "(other classes of the same number); one of another class count is replaced anyway")
+    freeze_backbone: bool = _flag(False, "train only the SE blocks and the classifier; the rest, BatchNorm statistics "
+                                  "included, stays as loaded (needs --weights or --pretrained)")
     # --- optimisation: "synchronous SGD with momentum 0.9 and a minibatch size of 1024" ---------------------------
     epochs: int = _flag(100, "epochs; the paper trains 100 from scratch")
     batch_size: int = _flag(1024, "global batch over all ranks and accumulation steps (paper: 1024)")
     lr: float | None = _flag(None, "initial learning rate; default 0.6 x batch_size / 1024 (paper: 0.6 at 1024)")
     momentum: float = _flag(0.9, "SGD momentum (paper: 0.9)")
     weight_decay: float = _flag(1e-4, "L2 weight decay (1e-4, the ResNet value the SENet recipe keeps)")
+    se_lr: float | None = _flag(None, "learning rate of the new parameters: the SE blocks and a new head (default: "
+                                "--lr); fine-tuning gives them the from-scratch rate and the pretrained ones a tenth",
+                                metavar="LR")
+    schedule: str = _flag("step", "learning-rate schedule: step (the paper's: x lr_gamma every lr_step epochs) or "
+                          "cosine (to 0 at the end, set at every optimizer step)", choices=SCHEDULES)
+    warmup_epochs: float = _flag(0.0, "linear warmup over this many epochs, set at every optimizer step (the first "
+                                 "step runs at lr / warmup steps); 0: none", metavar="EPOCHS")
     lr_step: int = _flag(30, "divide the learning rate by 1/lr_gamma every lr_step epochs (paper: 10x every 30)")
     lr_gamma: float = _flag(0.1, "learning-rate factor at each step")
     accum_steps: int = _flag(1, "gradient accumulation steps, so a 1024 batch fits on fewer GPUs")
@@ -82,6 +102,11 @@ class Recipe:
     flip: bool = _flag(True, "random horizontal flips during training")
     mean: list | None = _flag(None, "per-channel mean in [0,1] to subtract (no std division); default: ImageNet's, "
                               "or the digits' own", nargs=3, type=float, metavar=("R", "G", "B"))
+    std: list | None = _flag(None, "per-channel std in [0,1] to divide by after the mean; default: none (the "
+                             "paper's mean subtraction); torchvision's and timm's weights were trained with "
+                             "0.229 0.224 0.225", nargs=3, type=float, metavar=("R", "G", "B"))
+    classes: list | None = _flag(None, "train and evaluate on these class folders only (e.g. --classes 5 6 7 8 9), "
+                                 "numbered in the folder's order; default: all", nargs="+", type=str, metavar="CLASS")
     class_aware: bool = _flag(True, "class-aware sampling (Relay Backpropagation), the paper's 'balanced data "
                               "strategy'")
     num_samples: int | None = _flag(None, "training images per epoch (all ranks); default: the training set's size")
@@ -122,6 +147,14 @@ class Recipe:
             )
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise TrainError(f"--lr {self.lr} must be a positive finite number: pass e.g. --lr 0.1")
+        if self.se_lr is not None and not (math.isfinite(self.se_lr) and self.se_lr > 0):
+            raise TrainError(f"--se-lr {self.se_lr} must be a positive finite number: pass e.g. --se-lr 0.1")
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise TrainError(f"--warmup-epochs {self.warmup_epochs} must be a finite number >= 0: pass e.g. "
+                             "--warmup-epochs 1 (0: none)")
+        if self.schedule not in SCHEDULES:
+            raise TrainError(f"schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        self._check_start()
         if not 0 <= self.momentum < 1:  # nan fails too
             raise TrainError(f"--momentum {self.momentum} must be in [0, 1): pass e.g. --momentum 0.9 (0: plain SGD)")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -140,10 +173,29 @@ class Recipe:
             if not all(0 <= m <= 1 for m in self.mean):
                 raise TrainError(f"--mean {' '.join(map(str, self.mean))}: the mean is in [0, 1] pixel units "
                                  "(not 0..255): pass e.g. --mean 0.485 0.456 0.406")
+        if self.std is not None:
+            if len(self.std) != 3 or not all(0 < v <= 1 for v in self.std):
+                raise TrainError(f"--std {' '.join(map(str, self.std))}: three values in (0, 1] pixel units (not "
+                                 "0..255): pass e.g. --std 0.229 0.224 0.225")
+        if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes)):
+            raise TrainError(f"--classes {' '.join(self.classes)}: name each class folder once, e.g. --classes 5 6 7")
         self._check_se()
         if not isinstance(self.arch_kwargs, dict):
             raise TrainError(f"--arch-kwargs {self.arch_kwargs!r} must be a JSON object: pass e.g. "
                              "--arch-kwargs '{\"zero_init_residual\": true}' (or '{}')")
+
+    def _check_start(self) -> None:
+        """The flags that say what the run starts from fit together."""
+        if self.weights is not None and self.pretrained:
+            raise TrainError(f"--weights {self.weights} and --pretrained both give the starting weights: pass one")
+        if self.new_head and self.weights is None:
+            raise TrainError("--new-head replaces the classifier of a --weights file: pass --weights FILE, or drop "
+                             "--new-head")
+        if self.ema and self.weights is None:
+            raise TrainError("--ema picks the EMA weights of a --weights file: pass --weights FILE, or drop --ema")
+        if self.freeze_backbone and self.weights is None and not self.pretrained:
+            raise TrainError("--freeze-backbone keeps pretrained weights fixed, but the run starts from random ones: "
+                             "pass --weights FILE (or --pretrained), or drop --freeze-backbone")
 
     def _check_se(self) -> None:
         for name, option in SE_FIELDS.items():
@@ -224,6 +276,26 @@ DEMO = dataclasses.replace(
 )
 
 RECIPES: dict[str, Recipe] = {"paper": PAPER, "demo": DEMO}
+"""The full recipes; ``finetune`` (:data:`FINETUNE`) is an overlay on one of them."""
+RECIPE_NAMES = ("demo", "finetune", "paper")
+"""What ``--recipe`` takes."""
+
+FINETUNE: dict[str, dict[str, Any]] = {
+    # On every base: the SE blocks start as identity maps (fc2 = 0, s = 1 to within 5e-5), so the pretrained network's
+    # outputs are kept at step 0; the learning rate warms up linearly for an epoch, then decays on a cosine to 0 (the
+    # schedule of timm's and torchvision's fine-tuning recipes: no large step while the new gates are still random
+    # in their first layer, and no abrupt drop at the end of a short run).
+    "*": {"se_init": "identity", "schedule": "cosine", "warmup_epochs": 1.0},
+    # The digits: half the demo's 8 epochs; the new parameters (SE, a new head) at the demo's from-scratch rate, the
+    # pretrained ones at a tenth of it, the usual 10x of discriminative fine-tuning.
+    "demo": {"epochs": 4, "lr": 0.01, "se_lr": 0.1},
+    # A folder: 10 epochs at batch 256 (one node, no accumulation), the paper's rate 0.6 x 256 / 1024 = 0.15 for the
+    # new parameters and a tenth for the pretrained ones; torchvision's and timm's ImageNet weights also divide by
+    # the std (pass --std 1 1 1 for weights trained with mean subtraction only, as this trainer's own).
+    "paper": {"epochs": 10, "batch_size": 256, "lr": 0.015, "se_lr": 0.15, "std": [0.229, 0.224, 0.225]},
+}
+"""``--recipe finetune``: the overrides put on the data's default recipe (``demo`` on the digits, ``paper``
+elsewhere) for a run that starts from pretrained weights (``--weights FILE`` or ``--pretrained``)."""
 
 
 def get_recipe(name: str | None = None, data: str = DIGITS, **overrides: Any) -> Recipe:
@@ -239,9 +311,13 @@ def get_recipe(name: str | None = None, data: str = DIGITS, **overrides: Any) ->
         ('resnet50', 0.15, 100)
     """
     name = name or ("demo" if data == DIGITS else "paper")
-    if name not in RECIPES:
-        raise TrainError(f"unknown recipe {name!r}: use one of {sorted(RECIPES)}")
-    base = RECIPES[name]
+    if name not in RECIPE_NAMES:
+        raise TrainError(f"unknown recipe {name!r}: use one of {', '.join(RECIPE_NAMES)}")
+    if name == "finetune":
+        under = "demo" if data == DIGITS else "paper"
+        base = dataclasses.replace(RECIPES[under], **FINETUNE["*"], **FINETUNE[under])
+    else:
+        base = RECIPES[name]
     arch = overrides.get("arch", base.arch)
     if arch != base.arch and base.arch_kwargs and "arch_kwargs" not in overrides:
         from .models import accepted_kwargs  # builds the architecture once: only when it matters

@@ -100,13 +100,17 @@ RESUME_MAY_CHANGE: dict[str, bool] = {
     # what is trained: the model and its SE surgery
     "arch": False, "arch_kwargs": False, "se": False, "reduction": False, "se_init": False, "position": False,
     "squeeze": False, "excitation": False, "se_bias": False, "where": False, "pretrained": False,
+    # what it starts from and which of its parameters train (the weights are read at the start only)
+    "weights": False, "ema": False, "new_head": False, "freeze_backbone": False,
     # on what: the data, the stream of batches (seed, batch, epoch length, sampling) and the crops
     "data": False, "seed": False, "batch_size": False, "num_samples": False, "class_aware": False,
-    "input_size": False, "resize": False, "min_scale": False, "flip": False, "mean": False,
+    "input_size": False, "resize": False, "min_scale": False, "flip": False, "mean": False, "std": False,
+    "classes": False,
     # which val images rank the epochs: best.pt is the best of comparable numbers only
     "val_samples": False,
     # the schedule: the user's to change, as the paper's step decay is changed by hand
     "epochs": True, "lr": True, "lr_step": True, "lr_gamma": True, "momentum": True, "weight_decay": True,
+    "se_lr": True, "schedule": True, "warmup_epochs": True,
     # how the same global batch is split and normalised: like the number of GPUs, which a resume may change too
     "accum_steps": True, "sync_bn": True,
     # speed and bookkeeping: the same images in the same order (amp and compile change float rounding only)
@@ -157,18 +161,17 @@ def check_same_model(saved: dict[str, Any], now: dict[str, Any], path: Path) -> 
             )
 
 
-def apply_schedule_changes(saved: dict[str, Any], recipe: Recipe, optimizer: torch.optim.Optimizer,
-                           scheduler: torch.optim.lr_scheduler.StepLR, epoch: int) -> None:
-    """On resume, let explicitly changed optimisation flags win over the restored optimizer/scheduler state."""
+def apply_schedule_changes(saved: dict[str, Any], recipe: Recipe, optimizer: torch.optim.Optimizer) -> None:
+    """On resume, let explicitly changed optimisation flags win over the restored optimizer state.
+
+    Momentum and weight decay go into every group. The learning rates need nothing here: the trainer sets each
+    group's rate before every step from the recipe and the position (:mod:`se_surgery.train.schedule`), so a changed
+    ``--lr``, ``--se-lr``, ``--schedule``, ``--lr-step``, ``--lr-gamma`` or ``--warmup-epochs`` applies from the
+    next step on; it is logged.
+    """
     for group in optimizer.param_groups:
         group.update(momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    keys = ("lr", "lr_step", "lr_gamma")
-    if all(saved.get(k) == getattr(recipe, k) for k in keys):
-        return  # keep the restored state bit for bit
-    scheduler.step_size, scheduler.gamma = recipe.lr_step, recipe.lr_gamma
-    scheduler.base_lrs = [recipe.lr] * len(optimizer.param_groups)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = recipe.lr
-        group["lr"] = recipe.lr * recipe.lr_gamma ** (epoch // recipe.lr_step)
-    log.info("resume: learning-rate schedule changed to lr %g, /%g every %d epochs", recipe.lr,
-             1 / recipe.lr_gamma, recipe.lr_step)
+    defaults = Recipe().to_dict()  # a field newer than the checkpoint had its default then
+    keys = ("lr", "se_lr", "schedule", "lr_step", "lr_gamma", "warmup_epochs")
+    if any(saved.get(k, defaults[k]) != getattr(recipe, k) for k in keys):
+        log.info("resume: learning-rate schedule changed to %s", ", ".join(f"{k} {getattr(recipe, k)}" for k in keys))

@@ -1,0 +1,115 @@
+"""A run that starts from a weights file (``--weights FILE``): which weights load when, a new head, what trains.
+
+Plain weights load into the base model before ``add_se``; SE weights (an SE model's own state_dict) load after it.
+Which one a file holds is read from its keys (:func:`~se_surgery.train.weights.holds_se`). The classifier is loaded
+too unless the data's class count differs from the file's, or ``--new-head`` asks for a fresh one; then it keeps
+its random init and trains with the SE blocks as a *new* parameter (:mod:`se_surgery.train.schedule`).
+``--freeze-backbone`` leaves out of the optimizer every parameter but the SE blocks' and the classifier's, and keeps
+the BatchNorm layers among the frozen ones in eval mode, so their running statistics stay as loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from ..surgery import se_blocks
+from .models import add_configured_se, build_model, make_model_config, record_owners
+from .weights import fit_prefix, holds_se, load_weights, read_weights
+
+__all__ = ["classifier_name", "model_from_weights", "run_groups", "freeze_norms"]
+
+log = logging.getLogger(__name__)
+
+
+def classifier_name(model: nn.Module, num_classes: int) -> str | None:
+    """The module name of ``model``'s classifier: timm's ``get_classifier()``, else the last linear (or 1x1 conv, as
+    SqueezeNet's) layer with ``num_classes`` outputs; ``None`` if there is none."""
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        found = next((name for name, m in model.named_modules() if m is head and name), None)
+        if found is not None:
+            return found
+    last = None
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and weight is not None and weight.shape[0] == num_classes:
+            last = name
+    return last
+
+
+def _names_under(model: nn.Module, prefixes: list[str]) -> list[str]:
+    return [name for name, _ in model.named_parameters() if any(name.startswith(p + ".") for p in prefixes)]
+
+
+def model_from_weights(recipe: Any, class_names: list[str], *, factory: str | None = None,
+                       ) -> tuple[nn.Module, dict[str, Any], dict[str, list[str]]]:
+    """The model of ``recipe`` started from ``recipe.weights``, its ``model_config`` and its parameter groups.
+
+    Returns:
+        ``(model, model_config, groups)``: ``groups`` holds ``new`` (the parameter names at ``--se-lr``: the SE blocks
+        added here and a new head) and ``frozen`` (left out of the optimizer: ``--freeze-backbone``).
+
+    Raises:
+        CheckpointError: the file cannot be read, holds no weights, or its keys do not fit (named in one line).
+        TrainError, SurgeryError: as :func:`~se_surgery.train.models.build_training_model`.
+    """
+    config = make_model_config(recipe, class_names)
+    kwargs = {"factory": factory} if factory else {}
+    model = build_model({**config, "surgery": None}, **kwargs)
+    state = read_weights(recipe.weights, ema=recipe.ema)
+    se_file = holds_se(state, model)
+    if se_file:
+        model = add_configured_se(model, config)
+    state = fit_prefix(state, model.state_dict().keys())
+    head = classifier_name(model, len(class_names))
+    head_keys = [k for k in model.state_dict() if head is not None and k.startswith(head + ".")]
+    own = model.state_dict()
+    new_head = bool(head_keys) and (recipe.new_head or any(k not in state or state[k].shape != own[k].shape
+                                                           for k in head_keys))
+    if new_head:
+        reason = "--new-head" if recipe.new_head else "the file's classifier does not fit"
+        log.info("new head: %s starts from random weights for the %d classes (%s)", head, len(class_names), reason)
+    load_weights(model, state, source=recipe.weights, skip=head_keys if new_head else ())
+    if not se_file:
+        model = add_configured_se(model, config)
+    record_owners(model, config)
+    log.info("weights: %s (%s weights%s)", recipe.weights, "SE" if se_file else "plain",
+             ", EMA" if recipe.ema else "")
+    se_names = [] if se_file else _names_under(model, list(se_blocks(model)))
+    new = se_names + (_names_under(model, [head]) if new_head else [])
+    return model, config, run_groups(model, recipe, new=new, head=head)
+
+
+def run_groups(model: nn.Module, recipe: Any, *, new: list[str] | None = None,
+               head: str | None = None) -> dict[str, list[str]] | None:
+    """The parameter groups of a run: ``new`` as given (by default the SE blocks' parameters when ``--se-lr`` is
+    set), ``frozen`` everything but ``new``, the SE blocks and the ``head`` under ``--freeze-backbone``; ``None``
+    (one group, as runs from scratch have) when neither applies."""
+    se = _names_under(model, list(se_blocks(model)))
+    if new is None and recipe.se_lr is None and not recipe.freeze_backbone:
+        return None
+    new = se if new is None else new
+    frozen: list[str] = []
+    if recipe.freeze_backbone:
+        head = head or classifier_name(model, _num_outputs(model))
+        kept = set(new) | set(se) | set(_names_under(model, [head] if head else []))
+        frozen = [name for name, _ in model.named_parameters() if name not in kept]
+    return {"new": new, "frozen": frozen}
+
+
+def _num_outputs(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else -1
+
+
+def freeze_norms(model: nn.Module) -> None:
+    """Put the BatchNorm layers whose parameters are all frozen into eval mode (their running statistics stay)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
