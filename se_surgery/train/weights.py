@@ -168,18 +168,19 @@ def _pick(payload: Any, path: Path, *, ema: bool) -> dict[str, torch.Tensor]:
                 log.info("%s: the weights under %r", path, key)
                 return state
         if ema and any(_tensors(payload.get(k)) for k in _PLAIN_KEYS):
-            raise CheckpointError(f"{path} holds no EMA weights (it holds {_describe(payload)}; no "
+            raise CheckpointError(f"{path} holds no EMA weights (it holds {_describe(payload, why=False)}; no "
                                   f"{' or '.join(_EMA_KEYS)}): drop --ema")
     raise CheckpointError(f"{path} holds no state_dict (it holds {_describe(payload)}): pass {FORMATS}")
 
 
-def _describe(payload: Any) -> str:
+def _describe(payload: Any, *, why: bool = True) -> str:
+    """What a loaded file holds, in words; ``why``: and why no state_dict was found in a dict."""
     if isinstance(payload, dict):
         names = [str(k) for k in payload]
         listed = ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
         tensors = [n for n in _PLAIN_KEYS if n in payload]
         kind = f"whose {', '.join(tensors)} is not a dict of tensors" if tensors else "without a dict of tensors"
-        return f"a dict of {listed}, {kind}" if names else "an empty dict"
+        return (f"a dict of {listed}" + (f", {kind}" if why else "")) if names else "an empty dict"
     if isinstance(payload, torch.Tensor):
         return f"a single tensor of shape {tuple(payload.shape)}"
     if isinstance(payload, (list, tuple)):
