@@ -193,6 +193,7 @@ def test_weights_of_every_format_and_their_ema(folder, tmp_path, capsys) -> None
     err = _error(capsys, [*base, "--weights", str(tmp_path / "model.safetensors"), "--ema"])
     assert "holds no EMA weights" in err and err.endswith("drop --ema")
     assert "--ema picks the EMA weights of a --weights file" in _error(capsys, [*base, "--ema"])
+    assert "--ema only apply to --model" in _error(capsys, ["--ckpt", str(tmp_path / "best.pt"), "--ema"])
 
 
 def test_imagenet_words_resolve_classes_of_a_standard_folder() -> None:
