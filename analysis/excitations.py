@@ -5,8 +5,9 @@ Two sources of a model:
 - ``--ckpt RUN/best.pt``: a checkpoint written by ``python -m se_surgery.train`` (``weights_only``: a file carrying
   code is refused), studied on its own data and preprocessing;
 - ``--model NAME [--weights FILE] --data PATH``: any SE network of torchvision (``efficientnet_b0``,
-  ``mobilenet_v3_large``, ``regnet_y_400mf``) or timm (``timm:legacy_seresnet50``), with a ``state_dict`` file and
-  the model's own preprocessing (:mod:`analysis.foreign`).
+  ``mobilenet_v3_large``, ``regnet_y_400mf``) or timm (``timm:legacy_seresnet50``), with a weights file (a
+  ``state_dict``, ``.safetensors``, or a timm / torchvision-reference training checkpoint, ``--ema`` for its EMA
+  weights) and the model's own preprocessing (:mod:`analysis.foreign`).
 
 ``--protocol paper`` follows the paper (:mod:`analysis.protocol`): 50 images of every class of the split, the last
 SE block of each stage plus the last stage's blocks, 50 seeded channels per block in the figures, ``--classes`` drawn
@@ -86,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--ckpt", help="checkpoint written by python -m se_surgery.train (best.pt)")
     source.add_argument("--model", help="a torchvision model name (efficientnet_b0, regnet_y_400mf, ...) or timm:NAME "
                         "(timm:legacy_seresnet50); needs --data")
-    parser.add_argument("--weights", help="with --model: a state_dict saved with torch.save (read weights_only; "
-                        "default: random weights)")
+    parser.add_argument("--weights", help="with --model: a state_dict saved with torch.save, a .safetensors file, "
+                        "or a timm train.py, torchvision-reference or se-surgery checkpoint (read weights_only, no "
+                        "code runs; default: random weights)")
+    parser.add_argument("--ema", action="store_true", help="with --weights: the checkpoint's EMA weights "
+                        "(state_dict_ema of timm, model_ema of torchvision)")
     parser.add_argument("--num-classes", type=int, default=1000, help="with --model: classifier size (default: 1000)")
     parser.add_argument("--data", help="'digits' or an ImageNet-layout folder PATH/<split>/<class>/* (default with "
                         "--ckpt: the checkpoint's data)")
@@ -237,9 +241,11 @@ def _from_model(args: argparse.Namespace) -> Source:
 
     if not args.data or args.data == DIGITS:
         raise AnalysisError(f"--model {args.model} needs --data: an ImageNet-layout folder PATH/{args.split}/<class>/*")
+    if args.ema and not args.weights:
+        raise AnalysisError("--ema picks the EMA weights of a --weights file: pass --weights FILE, or drop --ema")
     model = build_foreign_model(args.model, num_classes=args.num_classes)
     if args.weights:
-        load_weights(model, args.weights)
+        load_weights(model, args.weights, ema=args.ema)
     overrides = Preprocess(crop=args.crop, resize=args.resize, mean=args.mean, std=args.std)
     transform = model_transform(args.model, model, overrides)
     dataset = build_dataset(args.data, args.split, input_size=args.crop or 224, train=False)
@@ -249,13 +255,14 @@ def _from_model(args: argparse.Namespace) -> Source:
     if words is not None:
         dataset.classes = words  # ImageNet's words name the curves; the folder ids still resolve --classes
     facts = {"model": args.model, "arch": args.model, "weights": str(Path(args.weights).resolve()) if args.weights
-             else None, "data": args.data, "transform": repr(transform).replace("\n", " ")}
+             else None, "ema": args.ema, "data": args.data, "transform": repr(transform).replace("\n", " ")}
     return Source(model, dataset, folders if words is not None else None, facts)
 
 
 def _check_source_flags(args: argparse.Namespace) -> None:
     if args.ckpt:
-        given = [f"--{k.replace('_', '-')}" for k in ("weights", "crop", "resize", "mean", "std") if getattr(args, k)]
+        given = [f"--{k.replace('_', '-')}" for k in ("weights", "ema", "crop", "resize", "mean", "std")
+                 if getattr(args, k)]
         if given:
             raise AnalysisError(f"{', '.join(given)} only apply to --model: a checkpoint brings its own weights and "
                                 "preprocessing")

@@ -1,10 +1,12 @@
 """SE networks from torchvision and timm for the excitation study: the model, its weights file, its preprocessing.
 
-``python -m analysis.excitations --model NAME [--weights FILE] --data PATH`` studies any SE network without
+``python -m analysis.excitations --model NAME [--weights FILE [--ema]] --data PATH`` studies any SE network without
 retraining it: ``NAME`` is a ``torchvision.models`` name (EfficientNet, MobileNetV3 and RegNetY hold SE blocks) or
 ``timm:NAME`` (``timm:legacy_seresnet50``, the port of the paper's Caffe SE-ResNet-50, or ``timm:seresnet50``). The
-architecture is built with random weights (nothing is downloaded) and ``FILE``, a ``state_dict`` saved with
-``torch.save``, is read with ``weights_only=True``: a file that carries code is refused before anything of it runs.
+architecture is built with random weights (nothing is downloaded) and ``FILE`` is read by
+:func:`se_surgery.train.weights.read_weights`: a ``state_dict`` saved with ``torch.save``, a ``.safetensors`` file,
+or a timm ``train.py``, torchvision-reference or se-surgery training checkpoint (``--ema``: its EMA weights), with
+``weights_only=True``: a file that carries code is refused before anything of it runs.
 The evaluation preprocessing is the model's own: timm's pretrained config (``resolve_data_config`` +
 ``create_transform``) or the torchvision weights' ``transforms()``, which is a recipe, not a download.
 """
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from analysis.errors import AnalysisError
@@ -61,46 +62,24 @@ def build_foreign_model(name: str, *, num_classes: int = 1000) -> nn.Module:
     return model.eval()
 
 
-def _state_dict(payload: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a saved ``state_dict`` (also found under ``"state_dict"`` / ``"model"`` of a training file)."""
-    for key in ("state_dict", "model"):
-        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
-            payload = payload[key]
-    if not isinstance(payload, dict) or not payload or not all(isinstance(v, torch.Tensor) for v in payload.values()):
-        raise AnalysisError(
-            f"{path} is not a state_dict (a dict of tensors): save one with torch.save(model.state_dict(), FILE)"
-        )
-    return {k.removeprefix("module."): v for k, v in payload.items()}  # DDP-saved files carry a "module." prefix
-
-
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load the ``state_dict`` in ``path`` into ``model`` (strict), reading the file with ``weights_only=True``.
+def load_weights(model: nn.Module, path: str | Path, *, ema: bool = False) -> nn.Module:
+    """Load the weights in ``path`` (any format :func:`~se_surgery.train.weights.read_weights` reads; ``ema``: the
+    EMA weights of a training checkpoint) into ``model``, strict, wrapper prefixes such as ``module.`` stripped.
 
     Raises:
-        CheckpointError: a missing or damaged file, or one carrying code (refused, never run).
-        AnalysisError: not a state_dict; keys or shapes that do not match the model (the first mismatches named).
+        CheckpointError: a missing, damaged or foreign file, one carrying code (refused, never run), one holding no
+            state_dict, or (``ema``) no EMA weights.
+        AnalysisError: keys or shapes that do not match the model (the first mismatches named).
     """
-    from se_surgery.train.checkpoint import load_plain
+    from se_surgery.errors import CheckpointError
+    from se_surgery.train import weights
 
-    path = Path(path)
-    payload = load_plain(
-        path, missing="pass --weights a state_dict saved with torch.save", what="weights file",
-        unsafe="save the weights alone with torch.save(model.state_dict(), FILE)", damaged="save the weights again",
-    )
-    state = _state_dict(payload, path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [f"{label} {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
-        raise AnalysisError(
-            f"{path} does not fit {type(model).__name__}: {'; '.join(parts)}. Pass the --model these weights were "
-            "saved from (and --num-classes if its classifier is not 1000-way)"
-        )
-    model.load_state_dict(state)
+    state = weights.read_weights(path, ema=ema)
+    try:
+        weights.load_weights(model, state, source=f"--weights {path}", fix="pass the --model these weights were "
+                             "saved from (and --num-classes if its classifier is not 1000-way)")
+    except CheckpointError as err:
+        raise AnalysisError(str(err)) from None
     return model
 
 

@@ -3,6 +3,7 @@ protocol. Random weights saved to a file and a small generated ImageNet-layout f
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -166,6 +167,33 @@ def test_wrong_and_hostile_weight_files(folder, tmp_path, capsys) -> None:
     assert "no weights file" in _error(capsys, [*base, "--weights", str(tmp_path / "missing.pth")])
     assert "unknown arch 'no_such_net'" in _error(capsys, ["--model", "no_such_net", *base[2:]])
     assert "needs --data" in _error(capsys, ["--model", "mobilenet_v3_small", "--out", str(tmp_path / "o")])
+
+
+def test_weights_of_every_format_and_their_ema(folder, tmp_path, capsys) -> None:
+    """The analysis reads what the trainer reads (se_surgery.train.weights): .safetensors, a torchvision-reference
+    checkpoint with a Namespace under args and its EMA weights; --ema without EMA weights, or without --weights."""
+    from safetensors.torch import save_file
+
+    from analysis.foreign import build_foreign_model, load_weights
+
+    torch.manual_seed(0)
+    plain, ema = torchvision.models.mobilenet_v3_small().eval(), torchvision.models.mobilenet_v3_small().eval()
+    x = torch.randn(1, 3, 32, 32)
+    save_file(plain.state_dict(), tmp_path / "model.safetensors")
+    ckpt = tmp_path / "checkpoint.pth"
+    torch.save({"model": {"module." + k: v for k, v in plain.state_dict().items()}, "epoch": 3,
+                "args": argparse.Namespace(model="mobilenet_v3_small", lr=0.1), "model_ema": {
+                    "n_averaged": torch.tensor(7), **{"module." + k: v for k, v in ema.state_dict().items()}}}, ckpt)
+    with torch.no_grad():
+        for path, kw, want in [(tmp_path / "model.safetensors", {}, plain), (ckpt, {}, plain), (ckpt, {"ema": True},
+                                                                                               ema)]:
+            got = load_weights(build_foreign_model("mobilenet_v3_small"), path, **kw)
+            assert torch.equal(got(x), want(x)), (path.name, kw)
+    base = ["--model", "mobilenet_v3_small", "--data", str(folder), "--out", str(tmp_path / "out")]
+    err = _error(capsys, [*base, "--weights", str(tmp_path / "model.safetensors"), "--ema"])
+    assert "holds no EMA weights" in err and err.endswith("drop --ema")
+    assert "--ema picks the EMA weights of a --weights file" in _error(capsys, [*base, "--ema"])
+    assert "--ema only apply to --model" in _error(capsys, ["--ckpt", str(tmp_path / "best.pt"), "--ema"])
 
 
 def test_imagenet_words_resolve_classes_of_a_standard_folder() -> None:
