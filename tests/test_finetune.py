@@ -192,3 +192,33 @@ def test_bad_fine_tuning_flags_are_one_line(tmp_path, capsys, args, message):
     assert main(["--out", str(tmp_path / "r"), "--no-progress", *SHORT_FLAGS, *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+class _Payload:
+    """Pickled, it would create ``self.marker`` on load: what a stranger's weights file could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_trainer_reads_safetensors_and_refuses_a_pickle_payload(plain, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    weights, top1, _ = plain
+    file = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in torch.load(weights, weights_only=True).items()}, str(file))
+    out = tmp_path / "st"
+    assert main(["--recipe", "finetune", "--weights", str(file), "--out", str(out), *SHORT_FLAGS,
+                 "--num-samples", "32"]) == 0
+    assert _metrics(out)[0]["val_top1"] == pytest.approx(top1, abs=0.1)
+    marker, evil = tmp_path / "ran", tmp_path / "evil.pt"
+    torch.save({"state_dict": torch.load(weights, weights_only=True), "extra": _Payload(marker)}, evil)
+    capsys.readouterr()
+    assert main(["--recipe", "finetune", "--weights", str(evil), "--out", str(tmp_path / "evil"),
+                 *SHORT_FLAGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing to run its code" in err[0], err
+    assert not marker.exists() and not (tmp_path / "evil" / "last.pt").exists()
