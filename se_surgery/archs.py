@@ -37,7 +37,7 @@ def split_arch(arch: str) -> tuple[str, str]:
     if ":" not in arch:
         return "torchvision", arch
     module, _, attribute = arch.partition(":")
-    if not (_dotted(module) and _dotted(attribute)):
+    if not (_dotted(module) and _dotted(attribute)) or module.endswith(".py"):  # a file name, not a module
         raise TrainError(f"arch {arch!r} is not a module:factory name: {_SHAPE}")
     return FACTORY, arch
 
