@@ -49,15 +49,18 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> None:
     parser = ArgumentParser(
         prog=PROG,
-        description="Write a trained SE model's weights as safetensors (OUT.safetensors), with the config that "
-        "rebuilds it beside them (OUT.json): se_surgery.load_checkpoint('OUT.safetensors') reads the pair.",
+        description="Write a trained SE model's weights as safetensors (OUT.safetensors) and, beside them, the config\n"
+        "that rebuilds it (OUT.json): se_surgery.load_checkpoint('OUT.safetensors') reads the pair. No model is\n"
+        "built, so a factory (package.module:function) the checkpoint names is never imported here.",
         epilog="example:\n  python -m se_surgery.export runs/demo/best.pt se_resnet18.safetensors\n\n"
-        "A torchvision resnet*/resnext* trained with the default SE (--divisor 8 for resnet18/34) exports under timm's "
+        "A torchvision resnet*/resnext* with the default SE (and divisor=8 for resnet18/34) exports under timm's\n"
         "seresnet*/seresnext* keys: the file loads strict into timm.create_model('seresnet50', num_classes=N).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="a checkpoint written by python -m se_surgery.train (RUN/best.pt)")
-    parser.add_argument("out", help="the weights file to write, ending in .safetensors; OUT.json is written beside it")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="a checkpoint written by python -m se_surgery.train (RUN/best.pt)")
+    parser.add_argument("out", metavar="OUT", help="the weights file to write, ending in .safetensors; OUT.json (the "
+                        "same name, .json) is written beside it")
     parser.add_argument("--force", action="store_true", help="replace OUT and OUT.json if they exist (default: refuse)")
     args = parser.parse_args(argv)
     from .archs import is_factory

@@ -103,7 +103,7 @@ def test_export_refusals_are_one_line(tmp_path, capsys) -> None:
     err = _error(capsys, [str(tmp_path / "foreign.pt"), str(tmp_path / "f.safetensors")])
     assert "not an se-surgery checkpoint" in err
     err = _error(capsys, [str(ckpt)])
-    assert "the following arguments are required: out" in err
+    assert "the following arguments are required: OUT" in err
 
 
 def test_exported_weights_without_their_config_or_damaged_are_refused(tmp_path, capsys) -> None:
