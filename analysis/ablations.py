@@ -140,7 +140,7 @@ def _measure(run: Path, recipe: Any) -> dict[str, Any]:
     from se_surgery.train.checkpoint import load_checkpoint
     from se_surgery.train.metrics import read_metrics
 
-    model, _ = load_checkpoint(run / "last.pt", map_location="cpu")
+    model, _ = load_checkpoint(run / "last.pt", map_location="cpu", factory=recipe.arch)  # the user named --arch
     epochs = [row for row in read_metrics(run) if "epoch" in row]
     final = epochs[-1]
     return {

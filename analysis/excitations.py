@@ -3,11 +3,14 @@
 Two sources of a model:
 
 - ``--ckpt RUN/best.pt``: a checkpoint written by ``python -m se_surgery.train`` (``weights_only``: a file carrying
-  code is refused), studied on its own data and preprocessing;
+  code is refused), or an ``OUT.safetensors`` of ``python -m se_surgery.export``, studied on its own data and
+  preprocessing; a model built by a factory of someone's code (``package.module:function``) is rebuilt only when
+  ``--model`` names that factory again (or with ``--trust-factory``), so a checkpoint cannot make us import code;
 - ``--model NAME [--weights FILE] --data PATH``: any SE network of torchvision (``efficientnet_b0``,
-  ``mobilenet_v3_large``, ``regnet_y_400mf``) or timm (``timm:legacy_seresnet50``), with a weights file (a
-  ``state_dict``, ``.safetensors``, or a timm / torchvision-reference training checkpoint, ``--ema`` for its EMA
-  weights) and the model's own preprocessing (:mod:`analysis.foreign`).
+  ``mobilenet_v3_large``, ``regnet_y_400mf``), timm (``timm:legacy_seresnet50``) or your own code
+  (``package.module:function``, called with ``num_classes``), with a weights file (a ``state_dict``,
+  ``.safetensors``, or a timm / torchvision-reference training checkpoint, ``--ema`` for its EMA weights) and the
+  model's own preprocessing (:mod:`analysis.foreign`).
 
 ``--protocol paper`` follows the paper (:mod:`analysis.protocol`): 50 images of every class of the split, the last
 SE block of each stage plus the last stage's blocks, 50 seeded channels per block in the figures, ``--classes`` drawn
@@ -83,10 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
                "--data /data/imagenet --protocol paper --classes goldfish,pug,airliner,cliff",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="checkpoint written by python -m se_surgery.train (best.pt)")
-    source.add_argument("--model", help="a torchvision model name (efficientnet_b0, regnet_y_400mf, ...) or timm:NAME "
-                        "(timm:legacy_seresnet50); needs --data")
+    # --ckpt or --model, not both, but for --ckpt with --model package.module:function: it trusts that factory
+    parser.add_argument("--ckpt", help="checkpoint written by python -m se_surgery.train (best.pt) or exported by "
+                        "python -m se_surgery.export (OUT.safetensors)")
+    parser.add_argument("--model", help="a torchvision model name (efficientnet_b0, regnet_y_400mf, ...), timm:NAME "
+                        "(timm:legacy_seresnet50) or a factory of your code, package.module:function; needs --data. "
+                        "With --ckpt: the factory the checkpoint was built with, which is imported only when named")
+    parser.add_argument("--trust-factory", action="store_true", help="with --ckpt: import and call the factory "
+                        "(package.module:function) the checkpoint names without naming it with --model; only for a "
+                        "checkpoint you trust, since it runs that module's code")
     parser.add_argument("--weights", help="with --model: a state_dict saved with torch.save, a .safetensors file, "
                         "or a timm train.py, torchvision-reference or se-surgery checkpoint (read weights_only, no "
                         "code runs; default: random weights)")
@@ -204,10 +212,19 @@ class Source(NamedTuple):
 
 
 def _from_checkpoint(args: argparse.Namespace) -> Source:
+    from se_surgery.errors import UntrustedFactory
     from se_surgery.train.checkpoint import load_checkpoint
     from se_surgery.train.data import build_dataset
 
-    model, info = load_checkpoint(Path(args.ckpt), map_location="cpu")
+    try:
+        model, info = load_checkpoint(Path(args.ckpt), map_location="cpu", factory=args.model,
+                                      trust=args.trust_factory)
+    except UntrustedFactory as err:
+        named = f" (not {args.model})" if args.model else ""
+        raise AnalysisError(
+            f"{args.ckpt} builds its model with the factory {err.factory}{named}, which se-surgery does not import on "
+            f"its own: pass --model {err.factory} (or --trust-factory) if you trust it"
+        ) from None
     cfg = info["model_config"]
     data = args.data or cfg["data"]
     # every split through the evaluation transforms: the study measures the network, not the augmentation
@@ -260,6 +277,13 @@ def _from_model(args: argparse.Namespace) -> Source:
 
 
 def _check_source_flags(args: argparse.Namespace) -> None:
+    from se_surgery.archs import is_factory
+
+    if args.ckpt and args.model and not is_factory(args.model):
+        raise AnalysisError(f"--ckpt and --model {args.model} are two models: pass one of them (with --ckpt, --model "
+                            "only names the checkpoint's factory, package.module:function, to trust it)")
+    if args.trust_factory and not args.ckpt:
+        raise AnalysisError("--trust-factory only applies to --ckpt: --model already names the factory it imports")
     if args.ckpt:
         given = [f"--{k.replace('_', '-')}" for k in ("weights", "ema", "crop", "resize", "mean", "std")
                  if getattr(args, k)]
@@ -434,7 +458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.ckpt and not args.model:
+        parser.error("one of the arguments --ckpt --model is required")
     summary, metrics, ablation, out = run(args)
     facts = summary["run"]
     print(f"{facts['arch']} on {facts['data']} ({facts['split']}): {len(facts['classes'])} classes, "

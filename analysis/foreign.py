@@ -47,7 +47,8 @@ class Preprocess:
 
 
 def build_foreign_model(name: str, *, num_classes: int = 1000) -> nn.Module:
-    """The architecture ``name`` (torchvision name or ``timm:NAME``) with random weights, in eval mode.
+    """The architecture ``name`` (torchvision name, ``timm:NAME`` or ``package.module:function``, which the user
+    named and so is imported) with random weights, in eval mode.
 
     Raises:
         AnalysisError: unknown name, or timm missing for a ``timm:`` name.
@@ -56,7 +57,7 @@ def build_foreign_model(name: str, *, num_classes: int = 1000) -> nn.Module:
     from se_surgery.train.models import build_model
 
     try:
-        model = build_model({"arch": name, "num_classes": num_classes, "surgery": None})
+        model = build_model({"arch": name, "num_classes": num_classes, "surgery": None}, factory=name)
     except TrainError as err:
         raise AnalysisError(f"--model {name}: {err}") from None
     return model.eval()

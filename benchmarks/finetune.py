@@ -105,9 +105,10 @@ Two plain {facts['arch']} networks were pretrained with the demo recipe: one on 
 len(facts['second'])} classes (best val top-1 {facts['pretrain']['pretrain_all']:.2f}%), one on classes
 {', '.join(facts['first'])} only ({facts['pretrain']['pretrain_half']:.2f}%). Each was then fine-tuned with
 `--recipe finetune --weights FILE`: **continued** on the same classes, **transfer** on classes
-{', '.join(facts['second'])} with `--new-head`. Every fine-tune run has the same budget ({cfg['epochs']} epochs of
-{cfg['num_samples'] or 1437} images at batch {cfg['batch_size']}; lr {cfg['lr']} for the pretrained weights, {cfg['se_lr']}
-for the new ones, {cfg['warmup_epochs']:g} epoch of warmup, cosine decay) and seed {cfg['seed']}. "Top-1 at step 0"
+{', '.join(facts['second'])} with `--new-head`. Every fine-tune run has the same budget ({cfg['epochs']} epochs over
+its classes' training images at batch {cfg['batch_size']}; lr {cfg['lr']} for the pretrained weights,
+{cfg['se_lr']} for the new ones, {cfg['warmup_epochs']:g} epoch of warmup, cosine decay) and seed {cfg['seed']}.
+"Top-1 at step 0"
 is the epoch-0 row of `metrics.jsonl`: the network before any step.
 
 {table(rows)}

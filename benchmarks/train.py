@@ -39,7 +39,8 @@ def bare_loop(steps: int, batch: int, recipe: Recipe | None = None, data: Datase
         data = build_dataset("digits", "train", input_size=r.input_size, min_scale=r.min_scale, flip=r.flip)
     torch.manual_seed(0)
     model = build_model({"arch": r.arch, "arch_kwargs": r.arch_kwargs, "num_classes": len(data.classes),
-                         "input_size": r.input_size, "surgery": {"reduction": r.reduction, "init": r.se_init}})
+                         "input_size": r.input_size, "surgery": {"reduction": r.reduction, "init": r.se_init}},
+                        factory=r.arch)
     layout = torch.channels_last if r.channels_last else torch.contiguous_format
     model.to(device, memory_format=layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)

@@ -1,7 +1,7 @@
 """The one way every command line of the project ends on an error: one line on stderr, no traceback.
 
-``python -m se_surgery.train``, ``python -m se_surgery.describe``, ``python -m analysis.excitations`` and
-``python -m analysis.ablations`` all run their ``main`` through :func:`run_cli`:
+``python -m se_surgery.train``, ``python -m se_surgery.describe``, ``python -m se_surgery.export``,
+``python -m analysis.excitations`` and ``python -m analysis.ablations`` all run their ``main`` through :func:`run_cli`:
 
 - an :class:`~se_surgery.errors.SESurgeryError` (what is wrong + what to do) -> ``PROG: error: ...``, exit 2
   (:class:`~se_surgery.errors.Interrupted`: exit 130);

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .archs import split_arch
+from .archs import FACTORY, call_factory, import_factory, split_arch
 from .cli import ArgumentParser, run_cli
 from .errors import SurgeryError
 from .modes import eval_mode
@@ -39,6 +39,9 @@ def _where(text: str) -> list[int | str]:
 
 def _base(arch: str, **kwargs: Any):
     source, name = split_arch(arch)
+    if source == FACTORY:  # the user's own code, named on the command line
+        import_factory(arch)  # a module that does not import, or a missing attribute, is refused before any work
+        return lambda: call_factory(arch, None, kwargs)
     if source == "timm":
         try:
             import timm
@@ -236,7 +239,8 @@ def _main(argv: list[str] | None) -> None:
         description="What add_se would do to a model (its plan), and the parameters and multiply-adds of the model "
         "and its SE version, next to the SENet paper.",
     )
-    parser.add_argument("arch", nargs="?", default="resnet50", help="a torchvision.models.get_model name, or timm:NAME")
+    parser.add_argument("arch", nargs="?", default="resnet50", help="a torchvision.models.get_model name, timm:NAME, "
+                        "or a factory of your code, package.module:function (built with its default num_classes)")
     defaults, choices = SEConfig.defaults(), SEConfig.choices()
     parser.add_argument("--reduction", "-r", type=int, default=defaults["reduction"],
                         help=f"the reduction ratio r (default {defaults['reduction']})")

@@ -5,7 +5,8 @@ Each message says what is wrong and what to do instead, on one line. The CLIs pr
 exit 2 (:func:`se_surgery.cli.run_cli`); :class:`Interrupted` exits 130, as a shell expects of Ctrl-C.
 """
 
-__all__ = ["SESurgeryError", "SurgeryError", "TrainError", "DataError", "CheckpointError", "Interrupted"]
+__all__ = ["SESurgeryError", "SurgeryError", "TrainError", "DataError", "CheckpointError", "UntrustedFactory",
+           "Interrupted"]
 
 
 class SESurgeryError(ValueError):
@@ -28,6 +29,15 @@ class DataError(SESurgeryError):
 
 class CheckpointError(SESurgeryError):
     """A checkpoint that is missing, damaged, unsafe or foreign."""
+
+
+class UntrustedFactory(CheckpointError):
+    """A checkpoint or config whose model a factory of someone's code builds, which the user did not name again;
+    ``factory`` is its ``package.module:function``, so a command line can say which of its flags names it."""
+
+    def __init__(self, message: str, factory: str) -> None:
+        super().__init__(message)
+        self.factory = factory
 
 
 class Interrupted(SESurgeryError):

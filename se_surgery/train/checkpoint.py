@@ -21,9 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..archs import TIMM_PREFIX
 from ..cli import os_advice
 from ..errors import CheckpointError, SurgeryError, TrainError
-from .models import build_model
+from .exported import SUFFIX, read_export
+from .models import build_model, check_factory
 
 __all__ = ["load_plain", "save_checkpoint", "remove_stale_temps", "read_checkpoint", "load_checkpoint"]
 
@@ -158,18 +160,28 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return payload
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", *, factory: str | None = None, trust: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained as and load its weights.
 
+    A model built by a factory of someone's code (``arch`` ``package.module:function``) is rebuilt only when
+    ``factory`` names that factory again, or with ``trust``: a checkpoint alone never makes se-surgery import code.
+
     Args:
-        path: A ``last.pt``/``best.pt`` written by ``python -m se_surgery.train``.
+        path: A ``last.pt``/``best.pt`` written by ``python -m se_surgery.train``, or an ``OUT.safetensors`` written
+            by ``python -m se_surgery.export`` (with its ``OUT.json`` beside it).
         map_location: Where to put the tensors (as in ``torch.load``).
+        factory: The ``package.module:function`` the checkpoint's model is built with, named by the caller, who
+            trusts it.
+        trust: Import and call whatever factory the checkpoint names (only for a file you trust).
 
     Returns:
         ``(model, info)``: the model in eval mode, and everything else in the checkpoint (``model_config``,
         ``config``, ``epoch``, ``step``, ``metrics``, ...).
 
     Raises:
+        UntrustedFactory: (a ``CheckpointError``) its model is built by a factory neither named nor trusted.
         CheckpointError: the file is missing, damaged, unsafe, foreign, or its weights do not fit its config.
 
     Examples:
@@ -177,13 +189,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple
         >>> info["metrics"]["val_top1"], info["model_config"]["class_names"][:3]  # doctest: +SKIP
         (98.6, ['0', '1', '2'])
     """
-    payload = read_checkpoint(path, map_location)
-    info = {k: v for k, v in payload.items() if k != "model"}
+    if Path(path).suffix == SUFFIX:
+        state, info = read_export(path)
+    else:
+        payload = read_checkpoint(path, map_location)
+        state, info = payload["model"], {k: v for k, v in payload.items() if k != "model"}
+    config = info["model_config"]
+    arch = config.get("arch") if isinstance(config, dict) else None
+    own_code = isinstance(arch, str) and ":" in arch and not arch.startswith(TIMM_PREFIX)
     try:
-        model = build_model(info["model_config"])
-        model.load_state_dict(payload["model"])
-    except (TrainError, SurgeryError, RuntimeError, KeyError, TypeError) as e:
+        check_factory(config, factory, trust, what=str(path))
+        model = build_model(config, trust=True)  # checked just above
+        model.load_state_dict(state)
+    except (TrainError, SurgeryError, RuntimeError, KeyError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0]
+        if own_code and isinstance(e, TrainError):  # the factory's own one-line error, with its fix
+            raise CheckpointError(f"{path}: cannot rebuild its model with the factory {arch}: {first}") from None
+        if own_code:
+            raise CheckpointError(f"{path}: cannot rebuild its model with the factory {arch} ({first}): has the "
+                                  "factory's code changed since it was saved?") from None
         raise CheckpointError(
             f"{path}: cannot rebuild its model ({first}): is the installed se-surgery older?"
         ) from None

@@ -1,9 +1,14 @@
 """Build a (SE-)model from a plain-data ``model_config``: the same call makes it for training and rebuilds it later.
 
-A ``model_config`` is JSON-able and holds everything needed: ``arch`` (a ``torchvision.models.get_model`` name or
-``timm:<name>``), ``arch_kwargs``, ``surgery`` (see :func:`surgery_dict`; ``None`` for the plain model),
-``num_classes``, ``class_names``, and the data settings ``data``, ``input_size``, ``resize``, ``mean`` and (when the
-recipe divides by one) ``std`` that the evaluation transform needs.
+A ``model_config`` is JSON-able and holds everything needed: ``arch`` (a ``torchvision.models.get_model`` name,
+``timm:<name>`` or a factory of the user's code, ``package.module:function``), ``arch_kwargs``, ``surgery`` (see
+:func:`surgery_dict`; ``None`` for the plain model), ``num_classes``, ``class_names``, and the data settings ``data``,
+``input_size``, ``resize``, ``mean`` and (when the recipe divides by one) ``std`` that the evaluation transform
+needs.
+
+A factory is imported (its module's code runs) only when the caller names it: :func:`build_model` refuses a config
+whose ``arch`` is a factory unless ``factory`` repeats it or ``trust`` is set, so a checkpoint from a stranger cannot
+make se-surgery import and call code.
 """
 
 from __future__ import annotations
@@ -16,13 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..archs import TIMM_PREFIX, split_arch
-from ..errors import TrainError
+from ..archs import FACTORY, TIMM_PREFIX, call_factory, split_arch
+from ..errors import TrainError, UntrustedFactory
 from ..surgery import SEConfig, add_se, se_blocks
 from ..surgery.naming import owner_of
 
 __all__ = ["TIMM_PREFIX", "split_arch", "accepted_kwargs", "add_configured_se", "build_model", "build_training_model",
-           "make_model_config", "record_owners", "se_config_of", "surgery_dict"]
+           "check_factory", "make_model_config", "record_owners", "se_config_of", "surgery_dict"]
 
 log = logging.getLogger(__name__)
 _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
@@ -63,6 +68,13 @@ def accepted_kwargs(arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _create(arch: str, kwargs: dict[str, Any], num_classes: int, pretrained: bool) -> nn.Module:
     source, name = split_arch(arch)
+    if source == FACTORY:
+        if pretrained:
+            raise TrainError(
+                f"--pretrained does not apply to the factory {arch}, which builds its own weights: drop --pretrained "
+                "and pass --weights FILE to start from a weights file"
+            )
+        return call_factory(arch, num_classes, kwargs)
     if source == "timm":
         try:
             import timm
@@ -87,16 +99,44 @@ def _create(arch: str, kwargs: dict[str, Any], num_classes: int, pretrained: boo
     return model
 
 
-def build_model(config: dict[str, Any], *, pretrained: bool = False) -> nn.Module:
-    """The model ``config`` describes (random weights unless ``pretrained``), SE blocks where it says.
+def check_factory(config: dict[str, Any], factory: str | None = None, trust: bool = False, *,
+                  what: str = "this model_config") -> None:
+    """Refuse to build ``config`` when its ``arch`` is a factory the caller did not name (``factory``) or ``trust``.
+
+    ``what`` names the config's source in the message (a checkpoint's path).
 
     Raises:
-        TrainError: unknown architecture, missing timm, or pretrained weights that cannot be fetched.
+        UntrustedFactory: (a ``CheckpointError``) the config names a factory that is neither ``factory`` nor trusted.
+    """
+    arch = config.get("arch")
+    if not isinstance(arch, str) or trust or factory == arch or split_arch(arch)[0] != FACTORY:
+        return
+    named = f" (not {factory})" if factory is not None and split_arch(factory)[0] == FACTORY else ""
+    raise UntrustedFactory(
+        f"{what} builds its model with the factory {arch}{named}, which se-surgery does not import on its own: pass "
+        f"--arch {arch} (load_checkpoint(path, factory={arch!r})) if you trust it", arch
+    )
+
+
+def build_model(config: dict[str, Any], *, pretrained: bool = False, factory: str | None = None,
+                trust: bool = False) -> nn.Module:
+    """The model ``config`` describes (random weights unless ``pretrained``), SE blocks where it says.
+
+    An ``arch`` that is a factory (``package.module:function``) is imported and called only when ``factory`` names
+    the same one, or with ``trust``: a config read from a file never makes se-surgery import code on its own.
+
+    Raises:
+        UntrustedFactory: (a ``CheckpointError``) the config's factory was not named (``factory``) or trusted.
+        TrainError: unknown architecture, missing timm, a factory that fails, or pretrained weights that cannot be
+            fetched.
         SurgeryError: the surgery fails on this architecture.
     """
+    check_factory(config, factory, trust)
     try:
         model = _base(config["arch"], dict(config.get("arch_kwargs") or {}), config["num_classes"], pretrained)
     except OSError as e:  # urllib's URLError included: no network
+        if not pretrained:
+            raise
         from torch.hub import get_dir
 
         raise TrainError(
@@ -177,7 +217,7 @@ def build_training_model(recipe: Any, class_names: list[str]) -> tuple[nn.Module
         SurgeryError: the surgery fails on this architecture.
     """
     config = make_model_config(recipe, class_names)
-    model = build_model(config, pretrained=recipe.pretrained)
+    model = build_model(config, pretrained=recipe.pretrained, factory=recipe.arch)  # the user named recipe.arch
     record_owners(model, config)
     return model, config
 

@@ -45,8 +45,7 @@ def _names_under(model: nn.Module, prefixes: list[str]) -> list[str]:
     return [name for name, _ in model.named_parameters() if any(name.startswith(p + ".") for p in prefixes)]
 
 
-def model_from_weights(recipe: Any, class_names: list[str], *, factory: str | None = None,
-                       ) -> tuple[nn.Module, dict[str, Any], dict[str, list[str]]]:
+def model_from_weights(recipe: Any, class_names: list[str]) -> tuple[nn.Module, dict[str, Any], dict[str, list[str]]]:
     """The model of ``recipe`` started from ``recipe.weights``, its ``model_config`` and its parameter groups.
 
     Returns:
@@ -58,8 +57,7 @@ def model_from_weights(recipe: Any, class_names: list[str], *, factory: str | No
         TrainError, SurgeryError: as :func:`~se_surgery.train.models.build_training_model`.
     """
     config = make_model_config(recipe, class_names)
-    kwargs = {"factory": factory} if factory else {}
-    model = build_model({**config, "surgery": None}, **kwargs)
+    model = build_model({**config, "surgery": None}, factory=recipe.arch)  # the user named recipe.arch
     state = read_weights(recipe.weights, ema=recipe.ema)
     se_file = holds_se(state, model)
     if se_file:

@@ -27,7 +27,7 @@ __all__ = ["Recipe", "RECIPES", "RECIPE_NAMES", "SCHEDULES", "FINETUNE", "SE_FIE
 log = logging.getLogger(__name__)
 
 SE_FIELDS = {"reduction": "reduction", "se_init": "init", "position": "position", "squeeze": "squeeze",
-             "excitation": "excitation", "se_bias": "bias"}
+             "excitation": "excitation", "se_bias": "bias", "divisor": "divisor"}
 """Recipe field -> the :class:`~se_surgery.SEConfig` option it sets (the recipe's names are its flags')."""
 _SE_DEFAULTS, _SE_CHOICES = SEConfig.defaults(), SEConfig.choices()
 SCHEDULES = ("step", "cosine")
@@ -64,6 +64,9 @@ class Recipe:
                             choices=_SE_CHOICES["excitation"])
     se_bias: bool = _flag(_SE_DEFAULTS["bias"], "biases in the SE's two FC layers (the released models); the "
                           "paper's ablation runs (Tables 10-16) use none: --no-bias", flag="--bias")
+    divisor: int | None = _flag(_SE_DEFAULTS["divisor"], "round each SE's hidden width C / r to a multiple of this "
+                                "(timm's SE-ResNets: 8, so that an SE-ResNet-18/34's weights load into timm's "
+                                "seresnet18/34); default: no rounding", metavar="N")
     where: list | None = _flag(None, "SE only in these blocks: paper stages (--where 4, Table 13), owner prefixes "
                                "(layer3) or paper names (SE_5_2); default: every residual block", nargs="+", type=str,
                                metavar="STAGE|BLOCK")

@@ -99,7 +99,8 @@ def _refuse_results_without_last(out: Path) -> None:
 RESUME_MAY_CHANGE: dict[str, bool] = {
     # what is trained: the model and its SE surgery
     "arch": False, "arch_kwargs": False, "se": False, "reduction": False, "se_init": False, "position": False,
-    "squeeze": False, "excitation": False, "se_bias": False, "where": False, "pretrained": False,
+    "squeeze": False, "excitation": False, "se_bias": False, "divisor": False, "where": False,
+    "pretrained": False,
     # what it starts from and which of its parameters train (the weights are read at the start only)
     "weights": False, "ema": False, "new_head": False, "freeze_backbone": False,
     # on what: the data, the stream of batches (seed, batch, epoch length, sampling) and the crops
