@@ -186,3 +186,23 @@ def test_analysis_and_describe_take_a_factory_the_user_names(capsys) -> None:
     assert "SmallResNet: 3 SE block(s)" in printed and "layer3.se" in printed
     assert describe.main(["tests.factories:nope"]) == 2
     assert "tests.factories has no attribute 'nope'" in capsys.readouterr().err
+
+
+def test_the_trainer_trains_a_factory_and_resumes_it_only_when_named_again(tmp_path, capsys) -> None:
+    from se_surgery.train.checkpoint import read_checkpoint
+    from se_surgery.train.cli import main as train_main
+
+    out = tmp_path / "mine"
+    flags = ["--epochs", "1", "--num-samples", "64", "--batch-size", "16", "--val-samples", "32", "--no-progress",
+             "--out", str(out)]
+    assert train_main(["--arch", SMALL, "--arch-kwargs", '{"width": 8}', "--reduction", "4", *flags]) == 0
+    info = read_checkpoint(out / "last.pt")
+    assert info["model_config"]["arch"] == SMALL and info["epoch"] == 1
+    assert sum(k.endswith("se.fc1.weight") for k in info["model"]) == 3
+    capsys.readouterr()
+    err = one_line_error(train_main, capsys, [*flags, "--resume", "auto", "--epochs", "2"])
+    assert f"was trained with --arch {SMALL}, code that a checkpoint does not import on its own: pass --arch " \
+           f"{SMALL} (or --trust-factory) if you trust it" in err
+    assert read_checkpoint(out / "last.pt")["epoch"] == 1  # nothing ran
+    assert train_main([*flags, "--resume", "auto", "--epochs", "2", "--arch", SMALL]) == 0
+    assert read_checkpoint(out / "last.pt")["epoch"] == 2

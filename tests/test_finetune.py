@@ -1,5 +1,6 @@
 """Fine-tuning from a weights file: ``--recipe finetune --weights FILE``, a new head, frozen backbones, the schedule."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -52,7 +53,7 @@ def test_plain_weights_train_as_se_model_and_epoch_0_equals_the_plain_model(plai
     assert rows[0]["val_top1"] == pytest.approx(top1, abs=0.1)  # identity SE: the plain model's outputs
     info = read_checkpoint(out / "last.pt")
     assert info["config"]["se_init"] == "identity" and info["config"]["schedule"] == "cosine"
-    assert sum(".se." in k for k in info["model"]) == 16  # 8 blocks x fc1/fc2 weight
+    assert sum(".se." in k for k in info["model"]) == 32  # 8 blocks x fc1/fc2 x weight/bias
     new = set(info["groups"]["new"])
     assert new and all(".se." in k for k in new) and info["groups"]["frozen"] == []
     groups = info["optimizer"]["param_groups"]
@@ -91,12 +92,15 @@ def test_new_head_on_a_class_subset(plain, tmp_path):
 
 
 def test_same_class_count_keeps_the_head_unless_new_head(plain, tmp_path):
-    weights, _, _ = plain
-    out = tmp_path / "kept"
-    train(get_recipe("finetune", weights=str(weights), new_head=True, **{**SHORT, "num_samples": 32}), out,
-          progress=False)
-    assert {"fc.weight", "fc.bias"} <= set(read_checkpoint(out / "last.pt")["groups"]["new"])
-    assert _metrics(out)[0]["val_top1"] < 40  # the head is random: no longer the plain model's accuracy
+    weights, top1, _ = plain
+    # seed 1: with the pretraining's seed the "new" head would be the very head that pretraining started from
+    recipe = get_recipe("finetune", weights=str(weights), new_head=True, seed=1, **{**SHORT, "num_samples": 32})
+    train(recipe, tmp_path / "new", progress=False)
+    assert {"fc.weight", "fc.bias"} <= set(read_checkpoint(tmp_path / "new" / "last.pt")["groups"]["new"])
+    assert abs(_metrics(tmp_path / "new")[0]["val_top1"] - top1) > 5  # a random head: not the plain model's outputs
+    train(dataclasses.replace(recipe, new_head=False), tmp_path / "kept", progress=False)
+    assert "fc.weight" not in read_checkpoint(tmp_path / "kept" / "last.pt")["groups"]["new"]
+    assert _metrics(tmp_path / "kept")[0]["val_top1"] == pytest.approx(top1, abs=0.1)
 
 
 def test_freeze_backbone_trains_only_se_and_classifier(plain, tmp_path):

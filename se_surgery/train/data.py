@@ -64,7 +64,6 @@ class Digits(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
-@functools.lru_cache(maxsize=2)
 class ClassSubset(Dataset):
     """The images of some of ``dataset``'s classes (``--classes``), renumbered 0..k-1 in the dataset's own order.
 
@@ -100,6 +99,7 @@ class ClassSubset(Dataset):
         return image, self.remap[target]
 
 
+@functools.lru_cache(maxsize=2)
 def _digits_split(split: str) -> tuple[torch.Tensor, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
