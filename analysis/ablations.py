@@ -141,7 +141,7 @@ def _measure(run: Path, recipe: Any) -> dict[str, Any]:
     from se_surgery.train.metrics import read_metrics
 
     model, _ = load_checkpoint(run / "last.pt", map_location="cpu", factory=recipe.arch)  # the user named --arch
-    epochs = [row for row in read_metrics(run) if "epoch" in row]
+    epochs = [row for row in read_metrics(run) if row.get("epoch", 0) > 0]  # a run from weights has an epoch-0 row
     final = epochs[-1]
     return {
         "params": count_parameters(model),

@@ -66,6 +66,10 @@ def import_factory(spec: str) -> Callable[..., Any]:
             f"cannot import {module_name} for the factory {spec} ({type(e).__name__}: {e}): put its folder on "
             "PYTHONPATH or pip install its package"
         ) from None
+    except Exception as e:  # the module's own code failed: a SyntaxError, a NameError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TrainError(f"importing {module_name} for the factory {spec} failed ({type(e).__name__}: {first}): fix "
+                         "that module (python -c 'import " + module_name + "' shows the traceback)") from None
     obj: Any = module
     for depth, part in enumerate(attribute.split(".")):
         try:

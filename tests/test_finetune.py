@@ -13,7 +13,7 @@ from se_surgery.train.checkpoint import load_checkpoint, read_checkpoint
 from se_surgery.train.cli import main
 from se_surgery.train.data import build_dataset
 from se_surgery.train.recipe import FINETUNE
-from se_surgery.train.schedule import lr_factor
+from se_surgery.train.schedule import lr_at
 
 # 10 steps of 32 images an epoch; every val image, so that top-1 compares to 0.1 point
 SHORT = dict(epochs=1, num_samples=320, batch_size=32, workers=0)
@@ -146,18 +146,18 @@ def test_finetune_resume_is_bit_identical(plain, tmp_path, monkeypatch):
     assert rows[0][-1] == rows[1][-1] and rows[0][-1]["epoch"] == 2
 
 
-def test_schedule_factors():
-    step = get_recipe(lr_step=2, lr_gamma=0.1, epochs=6).resolved()
-    reference = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 2, 0.1)
-    for epoch in range(6):
-        assert lr_factor(step, epoch, 3, 10) == pytest.approx(reference.get_last_lr()[0], rel=1e-12)
+def test_schedule_rates():
+    step = get_recipe(lr=0.6, lr_step=2, lr_gamma=0.1, epochs=7).resolved()
+    reference = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.6), 2, 0.1)
+    for epoch in range(7):  # the same bits as StepLR, which old checkpoints resume from
+        assert lr_at(0.6, step, epoch, 3, 10) == reference.get_last_lr()[0]
         reference.optimizer.step()
         reference.step()
     cosine = get_recipe("finetune", epochs=4).resolved()  # warmup 1 epoch
-    assert lr_factor(cosine, 0, 0, 10) == pytest.approx(0.1 * 0.5 * (1 + math.cos(0)))
-    assert lr_factor(cosine, 0, 9, 10) == pytest.approx(1.0 * 0.5 * (1 + math.cos(math.pi * 9 / 40)))
-    assert lr_factor(cosine, 2, 0, 10) == pytest.approx(0.5)
-    assert lr_factor(cosine, 3, 9, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 39 / 40)))
+    assert lr_at(1.0, cosine, 0, 0, 10) == pytest.approx(0.1 * 0.5 * (1 + math.cos(0)))
+    assert lr_at(1.0, cosine, 0, 9, 10) == pytest.approx(1.0 * 0.5 * (1 + math.cos(math.pi * 9 / 40)))
+    assert lr_at(2.0, cosine, 2, 0, 10) == pytest.approx(1.0)
+    assert lr_at(1.0, cosine, 3, 9, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 39 / 40)))
     assert FINETUNE["*"]["se_init"] == "identity"
     assert get_recipe("finetune", "/data/x").resolved().std == [0.229, 0.224, 0.225]
 

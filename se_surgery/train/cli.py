@@ -115,7 +115,8 @@ def _recipe_from(args: argparse.Namespace) -> tuple[Recipe, ResumePoint]:
 
 def _check_factory_trusted(arch: str, args: argparse.Namespace, path: Path | None) -> None:
     """A resumed run built by a ``module:factory`` imports that code only if the command line names it again."""
-    if split_arch(arch)[0] != "factory" or args.trust_factory or getattr(args, "arch", None) == arch:
+    if not isinstance(arch, str) or split_arch(arch)[0] != "factory" or args.trust_factory or \
+            getattr(args, "arch", None) == arch:
         return
     raise TrainError(f"{path} was trained with --arch {arch}, code that a checkpoint does not import on its own: pass "
                      f"--arch {arch} (or --trust-factory) if you trust it")
@@ -136,7 +137,8 @@ def _main(argv: list[str] | None) -> int:
     recipe.resolved()  # every flag checked before any work
     out = train(recipe, args.out, resume=start, tensorboard=args.tensorboard, progress=not args.no_progress)
     if main_rank:
-        best = max((m["val_top1"] for m in read_metrics(out) if "val_top1" in m), default=float("nan"))
+        best = max((m["val_top1"] for m in read_metrics(out) if "val_top1" in m and m.get("epoch", 0) > 0),
+                   default=float("nan"))  # best.pt holds a trained epoch, never the epoch-0 evaluation
         print(f"done: best val top-1 {best:.2f}% -> {out / 'best.pt'} (metrics in {out / METRICS_NAME})")
     return 0
 

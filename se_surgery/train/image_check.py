@@ -72,7 +72,7 @@ def _verdict(root: Path, paths: list[str]) -> str:
         with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
             for (rel, _, st), problem in zip(todo, pool.map(_problem, [path for _, path, _ in todo])):
                 results[rel] = [st.st_mtime_ns, st.st_size, problem]
-        _write_cache(cache_file, root, results)
+        _write_cache(cache_file, root, {**cached, **results})  # a run on some classes keeps the others' verdicts
     bad = sorted(rel for rel, (_, _, problem) in results.items() if problem)
     if not bad:
         return ""

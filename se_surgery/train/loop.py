@@ -37,12 +37,12 @@ from .distributed import Env, all_sum, broadcast_buffers, check_replicas_in_sync
 from .image_check import check_image_headers
 from .metrics import MetricsWriter, topk_correct
 from .models import build_training_model
-from .pretrained import freeze_norms, model_from_weights, run_groups
+from .pretrained import freeze_norms, model_from_weights, pretrained_groups, run_groups
 from .recipe import Recipe
 from .resume import ResumePoint, apply_schedule_changes, check_resume_changes, check_same_model, resolve_resume
 from .run_lock import RunLock
 from .sampling import ClassAwareSampler, ShuffleSampler
-from .schedule import group_lrs, lr_factor, param_groups, set_lrs
+from .schedule import group_lrs, lr_at, param_groups, set_lrs
 from .seeding import SeededDataset, SeededDraws, seed_of
 
 __all__ = ["train"]
@@ -260,7 +260,8 @@ def _datasets(recipe: Recipe, env: Env) -> tuple[Any, Any, int]:
 
 def _set_up(recipe: Recipe, env: Env, out: Path, train_set: Any, steps_per_epoch: int,
             start: ResumePoint) -> RunState:
-    """The model (the checkpoint's weights on resume), the paper's SGD with step decay, and this rank's sampler.
+    """The model (the checkpoint's weights on resume, or ``--weights``), the paper's SGD with its parameter groups
+    (:mod:`~se_surgery.train.schedule`), and this rank's sampler.
 
     Every rank builds identical initial weights (DDP also broadcasts rank 0's) and draws its share of the stream.
     """
@@ -270,7 +271,10 @@ def _set_up(recipe: Recipe, env: Env, out: Path, train_set: Any, steps_per_epoch
         raw, model_config, groups = model_from_weights(recipe, classes)
     else:
         raw, model_config = build_training_model(recipe, classes)
-        groups = run_groups(raw, recipe) if start.state is None else start.state.get("groups")
+        if start.state is not None:
+            groups = start.state.get("groups")
+        else:  # --pretrained: the SE blocks and a replaced head are new; a run from scratch has one group
+            groups = pretrained_groups(raw, recipe, len(classes)) if recipe.pretrained else run_groups(raw, recipe)
     if start.state is not None:
         check_same_model(start.state["model_config"], model_config, start.path)
         raw.load_state_dict(start.state["model"])
@@ -300,6 +304,8 @@ def _restore(run: RunState, start: ResumePoint) -> tuple[int, int, torch.Tensor]
         state = start.state
         run.optimizer.load_state_dict(state["optimizer"])
         apply_schedule_changes(state["config"], run.recipe, run.optimizer)
+        if run.recipe.se_lr is not None and not any(g.get("name") == "new" for g in run.optimizer.param_groups):
+            log.info("note: --se-lr has no effect on this run: it trains all its parameters as one group at --lr")
         start_epoch, epoch_step, run.best, run.metrics = (state["epoch"], state["epoch_step"], state["best_top1"],
                                                           state.get("metrics"))
         if run.env.is_main:  # rank 0 carries the interrupted epoch's partial sums; the all-reduce adds others' zeros
@@ -351,7 +357,7 @@ def _run_epoch(run: RunState, loader: DataLoader, val_loader: DataLoader, epoch:
     recipe, env, raw = run.recipe, run.env, run.raw
     run.sampler.set_epoch(epoch)
     run.sampler.position = epoch_step * recipe.batch_size
-    started, factor = time.perf_counter(), lr_factor(recipe, epoch, 0, run.steps_per_epoch)
+    started = time.perf_counter()
     totals, images = _train_epoch(run, loader, epoch, epoch_step, totals, progress)
     train_seconds = time.perf_counter() - started
     broadcast_buffers(raw, env)
@@ -359,7 +365,7 @@ def _run_epoch(run: RunState, loader: DataLoader, val_loader: DataLoader, epoch:
     crc = check_replicas_in_sync(raw, env)
     loss_sum, correct, seen = totals.tolist()
     run.metrics = {
-        "epoch": epoch + 1, **_rates(run, factor), "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
+        "epoch": epoch + 1, **_rates(run, epoch), "train_loss": loss_sum / seen, "train_top1": 100 * correct / seen,
         **val,
         "images_per_s": images / train_seconds, "seconds": time.perf_counter() - started,
         "world_size": env.world_size, "weights_crc32": crc,
@@ -372,12 +378,13 @@ def _run_epoch(run: RunState, loader: DataLoader, val_loader: DataLoader, epoch:
         log.info("epoch %d/%d: %s", epoch + 1, recipe.epochs, _format_metrics(run.metrics))
 
 
-def _rates(run: RunState, factor: float) -> dict[str, float]:
+def _rates(run: RunState, epoch: int) -> dict[str, float]:
     """The metrics' learning rates at an epoch's first step: ``lr``, and ``se_lr`` when the new parameters have their
     own."""
     lrs = group_lrs(run.recipe)
-    split = run.groups is not None and any(g.get("name") == "new" for g in run.optimizer.param_groups)
-    return {"lr": lrs["pretrained"] * factor, **({"se_lr": lrs["new"] * factor} if split else {})}
+    split = any(g.get("name") == "new" for g in run.optimizer.param_groups)
+    rate = {k: lr_at(v, run.recipe, epoch, 0, run.steps_per_epoch) for k, v in lrs.items()}
+    return {"lr": rate["pretrained"], **({"se_lr": rate["new"]} if split else {})}
 
 
 def _evaluate_start(run: RunState, val_loader: DataLoader, writer: MetricsWriter | None) -> None:
@@ -445,7 +452,7 @@ def _train_epoch(run: RunState, loader: DataLoader, epoch: int, epoch_step: int,
         micro_index += 1
         if not last_micro:
             continue
-        set_lrs(optimizer, recipe, lr_factor(recipe, epoch, step, steps))
+        set_lrs(optimizer, recipe, epoch, step, steps)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step, micro_index = step + 1, 0

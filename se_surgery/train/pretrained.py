@@ -19,7 +19,7 @@ from ..surgery import se_blocks
 from .models import add_configured_se, build_model, make_model_config, record_owners
 from .weights import fit_prefix, holds_se, load_weights, read_weights
 
-__all__ = ["classifier_name", "model_from_weights", "run_groups", "freeze_norms"]
+__all__ = ["classifier_name", "model_from_weights", "pretrained_groups", "run_groups", "freeze_norms"]
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,42 @@ def run_groups(model: nn.Module, recipe: Any, *, new: list[str] | None = None,
     return {"new": new, "frozen": frozen}
 
 
+def pretrained_groups(model: nn.Module, recipe: Any, num_classes: int) -> dict[str, list[str]]:
+    """The parameter groups of a ``--pretrained`` run: the SE blocks and, when the data's class count differs from
+    the downloaded weights' (the builder then gave it a new, random classifier), the head are new."""
+    head = _pretrained_head(model, recipe, num_classes)
+    return run_groups(model, recipe, new=_names_under(model, list(se_blocks(model))) + head,
+                      head=classifier_name(model, num_classes))
+
+
+def _pretrained_head(model: nn.Module, recipe: Any, num_classes: int) -> list[str]:
+    from ..archs import split_arch
+
+    source, name = split_arch(recipe.arch)
+    try:
+        if source == "timm":
+            import timm
+
+            classes = timm.models.get_pretrained_cfg(name).num_classes
+        else:
+            from torchvision.models import get_model_weights
+
+            classes = len(get_model_weights(name).DEFAULT.meta["categories"])
+    except Exception:  # no metadata to go by: ImageNet's 1000
+        classes = 1000
+    head = classifier_name(model, num_classes)
+    return _names_under(model, [head]) if head and classes != num_classes else []
+
+
 def _num_outputs(model: nn.Module) -> int:
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return last[-1].out_features if last else -1
 
 
 def freeze_norms(model: nn.Module) -> None:
-    """Put the BatchNorm layers whose parameters are all frozen into eval mode (their running statistics stay)."""
+    """Put the BatchNorm layers whose parameters are all frozen (or that have none) into eval mode: their running
+    statistics stay as loaded."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 module.eval()

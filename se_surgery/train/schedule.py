@@ -1,6 +1,6 @@
 """The learning rate as a function of the position in the run, and the optimizer's parameter groups.
 
-The rate of every step is computed from ``(epoch, step)`` alone (:func:`lr_factor`), with no scheduler state: a
+The rate of every step is computed from ``(epoch, step)`` alone (:func:`lr_at`), with no scheduler state: a
 run stopped anywhere and resumed sets exactly the rates the uninterrupted run sets, and a resume that changes
 ``--lr``, ``--se-lr``, ``--schedule`` or the warmup takes the new rates from the next step on.
 
@@ -17,25 +17,28 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["lr_factor", "param_groups", "set_lrs", "group_lrs"]
+__all__ = ["lr_at", "param_groups", "set_lrs", "group_lrs"]
 
 
-def lr_factor(recipe: Any, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """The factor on each group's base rate at optimizer step ``step`` of ``epoch`` (both from 0).
+def lr_at(base: float, recipe: Any, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """A group's rate at optimizer step ``step`` of ``epoch`` (both from 0), from its base rate ``base``.
 
-    ``step``: ``lr_gamma ** (epoch // lr_step)``, the paper's step decay. ``cosine``: ``(1 + cos(pi t)) / 2`` with
-    ``t`` the fraction of the run's steps done, so it reaches 0 at the end. A warmup of ``W`` steps
-    (``warmup_epochs x steps_per_epoch``) multiplies it by ``(n + 1) / W`` for the ``n``-th step of the run.
+    ``step``: ``base`` times ``lr_gamma`` once per ``lr_step`` epochs done, multiplied in turn as ``StepLR`` does (so
+    a run from before the per-step rates resumes on the same bits). ``cosine``: ``base (1 + cos(pi t)) / 2`` with
+    ``t`` the fraction of the run's steps done, 0 at the end. A warmup of ``W`` steps (``warmup_epochs x
+    steps_per_epoch``) multiplies either by ``(n + 1) / W`` for the ``n``-th step of the run.
     """
     done = epoch * steps_per_epoch + step
     if recipe.schedule == "cosine":
-        factor = 0.5 * (1 + math.cos(math.pi * min(done / (recipe.epochs * steps_per_epoch), 1.0)))
+        lr = base * (0.5 * (1 + math.cos(math.pi * min(done / (recipe.epochs * steps_per_epoch), 1.0))))
     else:
-        factor = recipe.lr_gamma ** (epoch // recipe.lr_step)
+        lr = base
+        for _ in range(epoch // recipe.lr_step):
+            lr *= recipe.lr_gamma
     warmup = round(recipe.warmup_epochs * steps_per_epoch)
     if done < warmup:
-        factor *= (done + 1) / warmup
-    return factor
+        lr *= (done + 1) / warmup
+    return lr
 
 
 def group_lrs(recipe: Any) -> dict[str, float]:
@@ -57,8 +60,8 @@ def param_groups(model: nn.Module, recipe: Any, new: Collection[str] | None,
     return [g for g in groups if g["params"]]
 
 
-def set_lrs(optimizer: torch.optim.Optimizer, recipe: Any, factor: float) -> None:
-    """Put each group's rate for the coming step: its base rate (from the recipe) times ``factor``."""
+def set_lrs(optimizer: torch.optim.Optimizer, recipe: Any, epoch: int, step: int, steps_per_epoch: int) -> None:
+    """Put each group's rate for the coming step (:func:`lr_at` of its base rate from the recipe)."""
     lrs = group_lrs(recipe)
     for group in optimizer.param_groups:
-        group["lr"] = lrs.get(group.get("name"), recipe.lr) * factor
+        group["lr"] = lr_at(lrs.get(group.get("name"), recipe.lr), recipe, epoch, step, steps_per_epoch)
