@@ -109,7 +109,10 @@ def test_freeze_backbone_trains_only_se_and_classifier(plain, tmp_path):
     train(get_recipe("finetune", weights=str(weights), freeze_backbone=True, **SHORT), out, progress=False)
     before, after = torch.load(weights, weights_only=True), read_checkpoint(out / "last.pt")["model"]
     backbone = [k for k in before if not k.startswith("fc.")]
-    assert all(torch.equal(before[k], after[k]) for k in backbone)  # BN running statistics included
+    # the BatchNorm before each SE (bn2 of every block) was divided by the gates' start, 0.5, once; nothing else moved
+    rescaled = {k for k in backbone if ".bn2." in k and k.endswith(("weight", "bias"))}
+    assert len(rescaled) == 16 and all(torch.equal(before[k] / 0.5, after[k]) for k in rescaled)
+    assert all(torch.equal(before[k], after[k]) for k in backbone if k not in rescaled)  # running statistics too
     assert not torch.equal(before["fc.weight"], after["fc.weight"])
     se = [k for k in after if ".se." in k]
     assert se and any(after[k].abs().sum() > 0 for k in se if k.endswith("fc2.weight"))  # fc2 moved off 0
@@ -227,3 +230,32 @@ def test_trainer_reads_safetensors_and_refuses_a_pickle_payload(plain, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "refusing to run its code" in err[0], err
     assert not marker.exists() and not (tmp_path / "evil" / "last.pt").exists()
+
+
+def test_gates_that_start_at_one_hardly_learn_those_at_one_half_do(plain, tmp_path):
+    """The sigmoid's slope s (1 - s) is 5e-5 at identity init's s = 1: --gate-start 0.5 is the recipe's for that."""
+    weights, top1, _ = plain
+    moved = {}
+    for start in (1.0, 0.5):
+        out = tmp_path / f"gates{start}"
+        train(get_recipe("finetune", weights=str(weights), gate_start=start, **SHORT), out, progress=False)
+        assert _metrics(out)[0]["val_top1"] == pytest.approx(top1, abs=0.1)  # both keep the plain model's outputs
+        state = read_checkpoint(out / "last.pt")["model"]
+        moved[start] = max(float(v.abs().max()) for k, v in state.items() if k.endswith("se.fc2.weight"))
+    assert moved[1.0] < 1e-4 and moved[0.5] > 1e-3 and moved[0.5] > 1000 * moved[1.0], moved
+
+
+def test_a_run_on_some_classes_is_studied_on_those(plain, tmp_path):
+    """analysis.excitations --ckpt of a --classes run reads the same classes (and std) the run was trained on."""
+    import pandas as pd
+
+    from analysis.excitations import main as excitations
+
+    weights, _, _ = plain
+    out = tmp_path / "subset"
+    train(get_recipe("finetune", weights=str(weights), classes=["5", "6", "7"], std=[0.5, 0.5, 0.5],
+                     **{**SHORT, "num_samples": 32}), out, progress=False)
+    assert excitations(["--ckpt", str(out / "last.pt"), "--per-class", "3", "--out", str(tmp_path / "study"),
+                        "--no-progress"]) == 0
+    csv = pd.read_csv(tmp_path / "study" / "excitations.csv")
+    assert set(csv[csv["class"] != "all"]["class"].astype(str)) == {"5", "6", "7"}

@@ -96,3 +96,29 @@ def test_weights_drifting_apart_on_one_rank_stop_every_rank(tmp_path):
     line0, line1 = err0.strip().splitlines()[-1], err1.strip().splitlines()[-1]
     assert (rc0, rc1) == (2, 2) and line0 == line1 and "the ranks' weights differ" in line0, (err0[-2000:], err1)
     assert not (out / "last.pt").exists()  # nothing of the diverged run is saved
+
+
+def test_two_ranks_fine_tune_a_frozen_backbone_from_a_weights_file(tmp_path):
+    """--recipe finetune --weights under DDP: the epoch-0 row, two parameter groups, the frozen weights untouched."""
+    import torchvision
+
+    torch.manual_seed(1)
+    weights = tmp_path / "plain.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    out = tmp_path / "ddp_ft"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "se_surgery.train", "--recipe", "finetune", "--weights", str(weights), "--freeze-backbone",
+           "--epochs", "1", "--num-samples", "64", "--batch-size", "16", "--val-samples", "32", "--no-progress",
+           "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["world_size"] == 2
+    info = read_checkpoint(out / "last.pt")
+    assert [g["name"] for g in info["optimizer"]["param_groups"]] == ["pretrained", "new"]
+    before = torch.load(weights, weights_only=True)
+    frozen = info["groups"]["frozen"]
+    rescaled = {k for k in frozen if ".bn2." in k}  # the BatchNorm before each SE: divided by the gates' 0.5 once
+    assert len(rescaled) == 16 and all(torch.equal(before[k] / 0.5, info["model"][k]) for k in rescaled)
+    assert all(torch.equal(before[k], info["model"][k]) for k in frozen if k not in rescaled)
+    assert not torch.equal(before["fc.weight"], info["model"]["fc.weight"])

@@ -37,7 +37,7 @@ from .distributed import Env, all_sum, broadcast_buffers, check_replicas_in_sync
 from .image_check import check_image_headers
 from .metrics import MetricsWriter, topk_correct
 from .models import build_training_model
-from .pretrained import freeze_norms, model_from_weights, pretrained_groups, run_groups
+from .pretrained import freeze_norms, model_from_weights, pretrained_groups, run_groups, start_open_gates
 from .recipe import Recipe
 from .resume import ResumePoint, apply_schedule_changes, check_resume_changes, check_same_model, resolve_resume
 from .run_lock import RunLock
@@ -275,6 +275,8 @@ def _set_up(recipe: Recipe, env: Env, out: Path, train_set: Any, steps_per_epoch
             groups = start.state.get("groups")
         else:  # --pretrained: the SE blocks and a replaced head are new; a run from scratch has one group
             groups = pretrained_groups(raw, recipe, len(classes)) if recipe.pretrained else run_groups(raw, recipe)
+            if recipe.pretrained:
+                start_open_gates(raw, recipe)
     if start.state is not None:
         check_same_model(start.state["model_config"], model_config, start.path)
         raw.load_state_dict(start.state["model"])
@@ -304,7 +306,7 @@ def _restore(run: RunState, start: ResumePoint) -> tuple[int, int, torch.Tensor]
         state = start.state
         run.optimizer.load_state_dict(state["optimizer"])
         apply_schedule_changes(state["config"], run.recipe, run.optimizer)
-        if run.recipe.se_lr is not None and not any(g.get("name") == "new" for g in run.optimizer.param_groups):
+        if run.recipe.se_lr is not None and run.groups is None:
             log.info("note: --se-lr has no effect on this run: it trains all its parameters as one group at --lr")
         start_epoch, epoch_step, run.best, run.metrics = (state["epoch"], state["epoch_step"], state["best_top1"],
                                                           state.get("metrics"))

@@ -3,7 +3,9 @@
 Plain weights load into the base model before ``add_se``; SE weights (an SE model's own state_dict) load after it.
 Which one a file holds is read from its keys (:func:`~se_surgery.train.weights.holds_se`). The classifier is loaded
 too unless the data's class count differs from the file's, or ``--new-head`` asks for a fresh one; then it keeps
-its random init and trains with the SE blocks as a *new* parameter (:mod:`se_surgery.train.schedule`).
+its random init and trains with the SE blocks as a *new* parameter (:mod:`se_surgery.train.schedule`). With
+``--gate-start S`` the identity-initialised gates start at S rather than 1, where they can learn
+(:mod:`se_surgery.surgery.gate_start`).
 ``--freeze-backbone`` leaves out of the optimizer every parameter but the SE blocks' and the classifier's, and keeps
 the BatchNorm layers among the frozen ones in eval mode, so their running statistics stay as loaded.
 """
@@ -13,13 +15,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..surgery import se_blocks
+from ..surgery.gate_start import start_gates
 from .models import add_configured_se, build_model, make_model_config, record_owners
 from .weights import fit_prefix, holds_se, load_weights, read_weights
 
-__all__ = ["classifier_name", "model_from_weights", "pretrained_groups", "run_groups", "freeze_norms"]
+__all__ = ["classifier_name", "model_from_weights", "pretrained_groups", "run_groups", "freeze_norms",
+           "start_open_gates"]
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +79,23 @@ def model_from_weights(recipe: Any, class_names: list[str]) -> tuple[nn.Module, 
     load_weights(model, state, source=recipe.weights, skip=head_keys if new_head else ())
     if not se_file:
         model = add_configured_se(model, config)
+        start_open_gates(model, recipe)
     record_owners(model, config)
     log.info("weights: %s (%s weights%s)", recipe.weights, "SE" if se_file else "plain",
              ", EMA" if recipe.ema else "")
     se_names = [] if se_file else _names_under(model, list(se_blocks(model)))
     new = se_names + (_names_under(model, [head]) if new_head else [])
     return model, config, run_groups(model, recipe, new=new, head=head)
+
+
+def start_open_gates(model: nn.Module, recipe: Any) -> list[str]:
+    """``--gate-start S`` (with identity init, on pretrained weights just loaded): the gates fed by a BatchNorm start
+    at S, that BatchNorm divided by S (:func:`~se_surgery.surgery.gate_start.start_gates`); the blocks it moved."""
+    if not (recipe.se and recipe.se_init == "identity" and recipe.gate_start < 1):
+        return []
+    size = recipe.input_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # the global RNG untouched
+    return start_gates(model, recipe.gate_start, example)
 
 
 def run_groups(model: nn.Module, recipe: Any, *, new: list[str] | None = None,

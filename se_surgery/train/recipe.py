@@ -55,6 +55,10 @@ class Recipe:
                            "(Table 10)")
     se_init: str = _flag(_SE_DEFAULTS["init"], "SE weight init: he (the paper's, from scratch) or identity (gates "
                          "start at 1)", choices=_SE_CHOICES["init"])
+    gate_start: float = _flag(1.0, "with --se-init identity on pretrained weights: every gate fed by a BatchNorm "
+                              "starts at s = S and that BatchNorm is divided by S, so the outputs still start "
+                              "unchanged but the gates can learn (at s = 1 the sigmoid's slope is 5e-5: they hardly "
+                              "move); 1: no rescaling", metavar="S")
     position: str = _flag(_SE_DEFAULTS["position"], "where the SE sits in each residual block: standard (on the "
                           "branch, Fig. 5b), pre, post, identity (Table 14) or 3x3 (after the branch's spatial conv, "
                           "Table 15)", choices=_SE_CHOICES["position"])
@@ -155,6 +159,9 @@ class Recipe:
         if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
             raise TrainError(f"--warmup-epochs {self.warmup_epochs} must be a finite number >= 0: pass e.g. "
                              "--warmup-epochs 1 (0: none)")
+        if not 0 < self.gate_start <= 1:  # nan fails too
+            raise TrainError(f"--gate-start {self.gate_start} must be in (0, 1]: pass e.g. --gate-start 0.5 (1: gates "
+                             "start open, unscaled)")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         self._check_start()
@@ -284,11 +291,12 @@ RECIPE_NAMES = ("demo", "finetune", "paper")
 """What ``--recipe`` takes."""
 
 FINETUNE: dict[str, dict[str, Any]] = {
-    # On every base: the SE blocks start as identity maps (fc2 = 0, s = 1 to within 5e-5), so the pretrained network's
-    # outputs are kept at step 0; the learning rate warms up linearly for an epoch, then decays on a cosine to 0 (the
-    # schedule of timm's and torchvision's fine-tuning recipes: no large step while the new gates are still random
-    # in their first layer, and no abrupt drop at the end of a short run).
-    "*": {"se_init": "identity", "schedule": "cosine", "warmup_epochs": 1.0},
+    # On every base: the SE blocks start as identity maps, so the pretrained network's outputs are kept at step 0,
+    # with their gates at s = 0.5 (the BatchNorm before each doubled), where the sigmoid is steepest: at s = 1 its
+    # slope is 5e-5 and the gates would hardly learn (surgery/gate_start.py). The learning rate warms up linearly for
+    # an epoch, then decays on a cosine to 0 (the schedule of timm's and torchvision's fine-tuning recipes: no large
+    # step while the new gates are still random in their first layer, and no abrupt drop at the end of a short run).
+    "*": {"se_init": "identity", "gate_start": 0.5, "schedule": "cosine", "warmup_epochs": 1.0},
     # The digits: half the demo's 8 epochs; the new parameters (SE, a new head) at the demo's from-scratch rate, the
     # pretrained ones at a tenth of it, the usual 10x of discriminative fine-tuning.
     "demo": {"epochs": 4, "lr": 0.01, "se_lr": 0.1},

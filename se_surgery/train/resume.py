@@ -102,7 +102,7 @@ RESUME_MAY_CHANGE: dict[str, bool] = {
     "squeeze": False, "excitation": False, "se_bias": False, "divisor": False, "where": False,
     "pretrained": False,
     # what it starts from and which of its parameters train (the weights are read at the start only)
-    "weights": False, "ema": False, "new_head": False, "freeze_backbone": False,
+    "weights": False, "ema": False, "new_head": False, "freeze_backbone": False, "gate_start": False,
     # on what: the data, the stream of batches (seed, batch, epoch length, sampling) and the crops
     "data": False, "seed": False, "batch_size": False, "num_samples": False, "class_aware": False,
     "input_size": False, "resize": False, "min_scale": False, "flip": False, "mean": False, "std": False,
