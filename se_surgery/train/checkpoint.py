@@ -24,13 +24,13 @@ from torch import nn
 from ..archs import TIMM_PREFIX
 from ..cli import os_advice
 from ..errors import CheckpointError, SurgeryError, TrainError
+from .atomic import TMP, replace_atomically, sync_folder
 from .exported import SUFFIX, read_export
 from .models import build_model, check_factory
 
 __all__ = ["load_plain", "save_checkpoint", "remove_stale_temps", "read_checkpoint", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
-_TMP = ".tmp-"  # save_checkpoint's temporary file: .<name>.tmp-<pid>
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -44,23 +44,11 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         CheckpointError: the file system refused the write (full disk, read-only, ...); ``path`` is unchanged.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
     replaced = False
     try:
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            replaced = True
-        finally:
-            tmp.unlink(missing_ok=True)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_atomically(path, lambda f: torch.save(payload, f))
+        replaced = True
+        sync_folder(path.parent)
     except (OSError, RuntimeError) as e:
         # torch's zip writer reports a failed write of the file object as a RuntimeError raised from the OSError
         error = e if isinstance(e, OSError) else e.__cause__ or e.__context__
@@ -84,8 +72,8 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
     Only safe while no other process saves into ``folder``: the trainer calls it holding the run folder's lock.
     """
-    pattern = re.compile(rf"\..+{re.escape(_TMP)}\d+")
-    stale = sorted(p for p in Path(folder).glob(f".*{_TMP}*") if pattern.fullmatch(p.name) and p.is_file())
+    pattern = re.compile(rf"\..+{re.escape(TMP)}\d+")
+    stale = sorted(p for p in Path(folder).glob(f".*{TMP}*") if pattern.fullmatch(p.name) and p.is_file())
     if stale:
         size = sum(p.stat().st_size for p in stale)
         for p in stale:

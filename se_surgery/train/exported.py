@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from .atomic import replace_atomically, sync_folder
 
 __all__ = ["SUFFIX", "check_target", "config_path", "read_export", "timm_twin", "write_export"]
 
@@ -108,21 +109,9 @@ def write_export(out: str | os.PathLike, payload: dict[str, Any], *, force: bool
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """``data`` into ``path``: a reader (or a crash) sees the old file or the new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_atomically(path, lambda f: f.write(data))
+        sync_folder(path.parent)
     except OSError as e:
         from ..cli import os_advice
 
