@@ -12,7 +12,7 @@ Each is fine-tuned five ways with ``--recipe finetune --weights FILE``, with the
 val top-1 at step 0 (``metrics.jsonl``'s epoch-0 row), at the end and at its best, and the seconds per training
 epoch; ``docs/finetune.md`` is written from it.
 
-Run: ``python benchmarks/finetune.py`` (about 5 minutes on 2 CPU cores; finished runs in ``--out`` are reused), or
+Run: ``python benchmarks/finetune.py`` (about 10 minutes on 2 CPU cores; finished runs in ``--out`` are reused), or
 ``python benchmarks/finetune.py --data PATH --arch resnet50`` for a folder in ImageNet layout (its classes split in
 half by name order), with any further trainer flags after ``--``.
 """
@@ -131,6 +131,10 @@ def write_doc(rows: list[dict], facts: dict, command: str) -> None:
         return _find(rows, setting, letter)[key][0]
 
     moved = {letter: max(mean(s, letter, "fc2") for s in ("continued", "transfer")) for letter in ("c", "c1")}
+    kept = all(_find(rows, s, k)["step0"] == _find(rows, s, "a")["step0"] for s in ("continued", "transfer")
+               for k in ("c", "c1", "d"))
+    if not kept:  # the prose below says they are equal: never write it when they are not
+        raise SystemExit("identity init did not start at the plain network's top-1: see the table above")
     ends = {setting: ", ".join(f"({k}) {mean(setting, k, 'end'):.2f}" for k in ("a", "b", "c", "c1", "d"))
             for setting in ("continued", "transfer")}
     intro = (
@@ -151,12 +155,15 @@ def write_doc(rows: list[dict], facts: dict, command: str) -> None:
         f"BatchNorm before them doubled. He init (b) starts at {mean('continued', 'b', 'step0'):.2f}%: its random "
         "gates scale the channels arbitrarily.",
         f"**Gates at 1 do not learn.** At s = 1 the sigmoid's slope is 5e-5: with `--gate-start 1` (c1) fc2's "
-        f"largest weight ends at {moved['c1']:.0e}, so the SE network stays the plain one and (c1) ends where (a) "
-        f"does. Started at 0.5 (c), the gates learn (fc2 up to {moved['c']:.0e}).",
+        f"largest weight ends at {moved['c1']:.0e}, so the SE network stays the plain one: (c1) ends at "
+        f"{mean('continued', 'c1', 'end'):.2f} / {mean('transfer', 'c1', 'end'):.2f} (continued / transfer), (a) at "
+        f"{mean('continued', 'a', 'end'):.2f} / {mean('transfer', 'a', 'end'):.2f}. Started at 0.5 (c), the gates "
+        f"learn (fc2 up to {moved['c']:.0e}).",
         f"**The end** (mean top-1). Continued: {ends['continued']}. Transfer: {ends['transfer']}. The frozen "
         f"backbone (d) trains the SE blocks and the head only, in "
-        f"{mean('continued', 'd', 's_per_epoch') / mean('continued', 'c', 's_per_epoch'):.0%} of (c)'s time per "
-        "epoch.",
+        f"{mean('continued', 'd', 's_per_epoch') / mean('continued', 'c', 's_per_epoch'):.0%} (continued) and "
+        f"{mean('transfer', 'd', 's_per_epoch') / mean('transfer', 'c', 's_per_epoch'):.0%} (transfer) of (c)'s "
+        "time per epoch.",
     ]
     caveat = (
         "What it does not show: the digits are 1,797 8x8 images upsampled to 32 px, a run lasts seconds and the "

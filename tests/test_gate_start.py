@@ -60,6 +60,40 @@ def test_a_gate_that_no_batchnorm_feeds_stays_at_one():
     assert all(float(b.fc2.bias.detach().min()) == 10.0 for b in se_blocks(se).values())
 
 
+def test_only_a_batchnorm_that_reaches_the_se_unchanged_counts():
+    """A ReLU (in place or not) passes a BatchNorm's output on; an in-place SiLU changes it, so its SE keeps s = 1."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.SiLU(inplace=True),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    se = add_se(copy.deepcopy(plain), init="identity", example_input=X, reduction=4).eval()
+    (first, second) = sorted(se_blocks(se))
+    assert start_gates(se, 0.5, X) == [first]
+    assert float(se_blocks(se)[second].fc2.bias.detach().min()) == 10.0
+    assert start_gates(se, 0.5, X) == []  # a gate already started is not started twice
+    with torch.no_grad():
+        torch.testing.assert_close(se(X), plain(X), rtol=1e-4, atol=1e-4)
+
+
+def test_some_blocks_start_and_the_rest_keep_identity_init():
+    """``position="identity"``: the SE on a block's identity path is fed by the downsample's BatchNorm in the 3
+    down-sampling blocks and by the previous block's sum elsewhere."""
+    plain = _pretrained_resnet18().eval()
+    se = add_se(copy.deepcopy(plain), init="identity", position="identity", example_input=X).eval()
+    started = start_gates(se, 0.5, X)
+    assert sorted(started) == ["layer2.0.se", "layer3.0.se", "layer4.0.se"]
+    assert all(float(b.fc2.bias.detach().min()) == 10.0 for n, b in se_blocks(se).items() if n not in started)
+    with torch.no_grad():
+        torch.testing.assert_close(se(X), plain(X), rtol=1e-3, atol=1e-3)  # the 5 others: identity init's 5e-5
+
+
+def test_an_input_the_model_cannot_run_changes_nothing():
+    se = add_se(_pretrained_resnet18(), init="identity", example_input=X)
+    state = copy.deepcopy(se.state_dict())
+    assert start_gates(se, 0.5, torch.zeros(1, 1, 32, 32)) == []  # one channel for a 3-channel stem
+    assert all(torch.equal(state[k], v) for k, v in se.state_dict().items())
+
+
 def test_changed_outputs_undo_every_change(monkeypatch):
     se = add_se(_pretrained_resnet18(), init="identity", example_input=X)
     state = copy.deepcopy(se.state_dict())

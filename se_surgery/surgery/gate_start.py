@@ -21,49 +21,80 @@ from torch import Tensor, nn
 
 from ..modes import eval_mode
 from .remove import se_blocks
-from .se_module import SELayer
+from .se_module import _IDENTITY_BIAS, SELayer
 
 __all__ = ["start_gates"]
 
 log = logging.getLogger(__name__)
-_PASS_THROUGH = (nn.ReLU, nn.Identity, nn.Dropout)  # f(x / s0) = f(x) / s0 for s0 > 0
+# f(x / s0) = f(x) / s0 for s0 > 0: the modules a BatchNorm's output may pass on its way to the SE
+_PASS_THROUGH = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                 nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_PLAIN_NORMS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}  # not timm's BatchNormAct2d
 
 
 def _bias_for(excitation: str, s0: float) -> float:
-    """The fc2 bias whose gate is s0 when fc2's weights are 0."""
+    """The fc2 bias whose gate is s0 < 1 when fc2's weights are 0."""
     if excitation == "sigmoid":
-        return math.log(s0 / (1 - s0)) if s0 < 1 else 10.0
+        return math.log(s0 / (1 - s0))
     if excitation == "tanh":
-        return math.atanh(s0) if s0 < 1 else 10.0
-    return s0 if s0 < 1 else 1 / 3  # relu: s = fc2's bias (x 3: exactly 1 for the reference)
+        return math.atanh(s0)
+    return s0  # relu: s is the bias itself
+
+
+def _reference_bias(excitation: str) -> float:
+    """A bias whose gate is 1 to float precision (identity init's is 1 only to within 5e-5)."""
+    return 1.0 if excitation == "relu" else 30.0
+
+
+def _is_open(block: SELayer) -> bool:
+    """Whether ``block`` is as identity init left it: fc2 = 0 and the opening bias, not yet trained or started."""
+    bias = _IDENTITY_BIAS.get(block.excitation)
+    return bias is not None and not block.fc2.weight.any() and bool((block.fc2.bias == bias).all())
 
 
 def _producers(model: nn.Module, blocks: dict[str, nn.Module], example: Any) -> tuple[dict[str, list], Any]:
-    """For each SE block, the BatchNorm (or ``None``) whose output reached it in each call; and the model's output."""
-    made: dict[int, tuple[nn.Module, Tensor]] = {}  # id(tensor) -> (the BatchNorm it came from, the tensor: kept alive)
+    """For each SE block, the BatchNorm (or ``None``) whose output reached it unchanged but for pass-through modules,
+    in each call; and the model's output. A tensor is followed by its id and its version: an in-place op that is no
+    pass-through (a SiLU, the fused SE's ``addcmul``) changes its version and ends the trail."""
+    made: dict[int, tuple[nn.Module, Tensor, int]] = {}  # id -> (the BatchNorm, the tensor (kept alive), its version)
     seen: dict[str, list] = {name: [] for name in blocks}
+    pending: dict[int, nn.Module | None] = {}  # id(pass-through module) -> the source of the input it is running on
+
+    def source_of(inputs: tuple) -> nn.Module | None:
+        if not inputs or not isinstance(inputs[0], Tensor):
+            return None
+        entry = made.get(id(inputs[0]))
+        return entry[0] if entry is not None and entry[2] == inputs[0]._version else None
 
     def norm_out(module, inputs, out):
         if isinstance(out, Tensor):
-            made[id(out)] = (module, out)
+            made[id(out)] = (module, out, out._version)
+
+    def pass_in(module, inputs):
+        pending[id(module)] = source_of(inputs)  # before an in-place op changes the input's version
 
     def pass_out(module, inputs, out):
-        source = made.get(id(inputs[0])) if inputs and isinstance(inputs[0], Tensor) else None
+        source = pending.pop(id(module), None)
         if source is not None and isinstance(out, Tensor):
-            made[id(out)] = (source[0], out)
+            made[id(out)] = (source, out, out._version)
 
     def se_in(name):
+        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+
         def hook(module, inputs):
-            source = made.get(id(inputs[0])) if inputs and isinstance(inputs[0], Tensor) else None
-            seen[name].append(source[0] if source is not None else None)
+            source = source_of(inputs)
+            if source is None and isinstance(owner, _PASS_THROUGH) and id(owner) in pending:
+                source = pending[id(owner)]  # a holder (a ReLU that runs the SE on its own output, add_se's plain rule)
+            seen[name].append(source)
         return hook
 
     handles = []
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and type(module).forward in \
+                _PLAIN_NORMS:
             handles.append(module.register_forward_hook(norm_out))
         elif isinstance(module, _PASS_THROUGH):
-            handles.append(module.register_forward_hook(pass_out))
+            handles += [module.register_forward_pre_hook(pass_in), module.register_forward_hook(pass_out)]
     handles += [block.register_forward_pre_hook(se_in(name)) for name, block in blocks.items()]
     try:
         out = model(example)
@@ -76,12 +107,30 @@ def _producers(model: nn.Module, blocks: dict[str, nn.Module], example: Any) -> 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor):
         return isinstance(b, Tensor) and a.shape == b.shape and bool(
-            torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(float(a.abs().max()), 1.0)))
+            torch.allclose(a, b, rtol=1e-5, atol=1e-6 * max(float(a.abs().max()), 1.0)))
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return a == b
+
+
+class _Pair:
+    """A BatchNorm and the one SE block it feeds: the rescale to apply or undo."""
+
+    def __init__(self, norm: nn.Module, name: str, block: SELayer, s0: float) -> None:
+        self.norm, self.name, self.block, self.s0 = norm, name, block, s0
+        self.kept = (norm.weight.clone(), norm.bias.clone())
+
+    def apply(self) -> None:
+        self.norm.weight.div_(self.s0)
+        self.norm.bias.div_(self.s0)
+        self.block.fc2.bias.fill_(_bias_for(self.block.excitation, self.s0))
+
+    def undo(self) -> None:
+        self.norm.weight.copy_(self.kept[0])
+        self.norm.bias.copy_(self.kept[1])
+        self.block.fc2.bias.fill_(_reference_bias(self.block.excitation))
 
 
 @torch.no_grad()
@@ -94,42 +143,60 @@ def start_gates(model: nn.Module, s0: float, example_input: Any) -> list[str]:
         example_input: One input the model takes (a small random batch).
 
     Returns:
-        The SE blocks whose gates now start at s0 (the others keep s = 1).
+        The SE blocks whose gates now start at s0 (the others keep identity init's s = 1; so does every block when
+        the model cannot run ``example_input``).
     """
     if not 0 < s0 <= 1:
         raise ValueError(f"s0 {s0} must be in (0, 1]")
     blocks = {name: b for name, b in se_blocks(model).items() if isinstance(b, SELayer) and b.fc2.bias is not None
-              and not b.fc2.weight.any()}  # still as identity init left them
+              and _is_open(b)}
     if s0 == 1 or not blocks:
         return []
     opened = {name: b.fc2.bias.clone() for name, b in blocks.items()}
-    with eval_mode(model):
-        for b in blocks.values():  # the reference: gates at 1 to within 1e-13, the network before the surgery
-            b.fc2.bias.fill_(_bias_for(b.excitation, 1.0) * 3)
-        seen, before = _producers(model, blocks, example_input)
+    pairs: list[_Pair] = []
+    started: list[_Pair] = []
+    try:
+        with eval_mode(model):
+            for b in blocks.values():  # the reference: every gate at 1 to float precision, the network before add_se
+                b.fc2.bias.fill_(_reference_bias(b.excitation))
+            seen, before = _producers(model, blocks, example_input)
+            feeds: dict[nn.Module, list[str]] = {}
+            for name, sources in seen.items():
+                if sources and sources[0] is not None and all(s is sources[0] for s in sources):
+                    feeds.setdefault(sources[0], []).append(name)
+            pairs = [_Pair(norm, names[0], blocks[names[0]], s0) for norm, names in feeds.items() if len(names) == 1]
+            for pair in pairs:
+                pair.apply()
+            if _same(before, model(example_input)):
+                started = pairs
+            else:  # one pair at a time: keep those that leave the outputs as they were
+                for pair in pairs:
+                    pair.undo()
+                for pair in pairs:
+                    pair.apply()
+                    if _same(before, model(example_input)):
+                        started.append(pair)
+                    else:
+                        pair.undo()
+                log.warning("start_gates: rescaling the BatchNorm before %d of %d SE blocks changed the outputs (its "
+                            "output has another use); those gates start at s = 1", len(pairs) - len(started),
+                            len(pairs))
+    except Exception as error:  # the model cannot run the example: change nothing
+        for pair in pairs:
+            pair.undo()
+        started = []
+        log.warning("start_gates: the model did not run the example input (%s: %s); every gate starts at s = 1",
+                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+    finally:
+        moved = {pair.name for pair in started}
         for name, b in blocks.items():
-            b.fc2.bias.copy_(opened[name])
-        feeds: dict[nn.Module, list[str]] = {}
-        for name, sources in seen.items():
-            if sources and sources[0] is not None and all(s is sources[0] for s in sources):
-                feeds.setdefault(sources[0], []).append(name)
-        pairs = [(norm, names[0]) for norm, names in feeds.items() if len(names) == 1]  # one BN, one SE
-        if not pairs:
-            return []
-        kept = [(norm, norm.weight.clone(), norm.bias.clone(), blocks[name].fc2.bias.clone()) for norm, name in pairs]
-        for norm, name in pairs:
-            norm.weight.div_(s0)
-            norm.bias.div_(s0)
-            blocks[name].fc2.bias.fill_(_bias_for(blocks[name].excitation, s0))
-        if not _same(before, model(example_input)):
-            for (norm, weight, bias, fc2_bias), (_, name) in zip(kept, pairs):
-                norm.weight.copy_(weight)
-                norm.bias.copy_(bias)
-                blocks[name].fc2.bias.copy_(fc2_bias)
-            log.warning("start_gates: rescaling the BatchNorms before %d SE blocks changed the outputs; undone, the "
-                        "gates start at s = 1", len(pairs))
-            return []
-    started = [name for _, name in pairs]
-    log.info("gates of %d of %d identity-initialised SE blocks start at s = %g (the BatchNorm before each divided by "
-             "it); %d keep s = 1", len(started), len(blocks), s0, len(blocks) - len(started))
-    return started
+            if name not in moved:
+                b.fc2.bias.copy_(opened[name])
+    if len(started) < len(blocks):
+        log.info("gates of %d of %d identity-initialised SE blocks start at s = %g (the BatchNorm before each divided "
+                 "by it); %d keep s = 1 (fed by no BatchNorm)", len(started), len(blocks), s0,
+                 len(blocks) - len(started))
+    else:
+        log.info("gates of all %d identity-initialised SE blocks start at s = %g (the BatchNorm before each divided "
+                 "by it)", len(blocks), s0)
+    return [pair.name for pair in started]

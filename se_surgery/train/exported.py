@@ -109,13 +109,18 @@ def write_export(out: str | os.PathLike, payload: dict[str, Any], *, force: bool
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """``data`` into ``path``: a reader (or a crash) sees the old file or the new one, never half of it."""
+    replaced = False
     try:
         replace_atomically(path, lambda f: f.write(data))
+        replaced = True
         sync_folder(path.parent)
     except OSError as e:
         from ..cli import os_advice
 
-        kept = "it keeps what it held" if path.exists() else "nothing was written there"
+        if replaced:
+            kept = "it is written but its folder could not be synced"
+        else:
+            kept = "it keeps what it held" if path.exists() else "nothing was written there"
         raise CheckpointError(f"cannot write {path} ({e.strerror or e}): {kept}; {os_advice(e)}") from None
 
 

@@ -95,7 +95,12 @@ def start_open_gates(model: nn.Module, recipe: Any) -> list[str]:
         return []
     size = recipe.input_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # the global RNG untouched
-    return start_gates(model, recipe.gate_start, example)
+    started = start_gates(model, recipe.gate_start, example)
+    if not started and se_blocks(model):
+        log.warning("note: --gate-start %g moved no gate: no SE block of this network is fed by a BatchNorm (through "
+                    "ReLUs or pooling only), so every gate starts at s = 1, where the sigmoid's slope is 5e-5 and it "
+                    "hardly learns; --se-init he lets the gates learn but starts from other outputs", recipe.gate_start)
+    return started
 
 
 def run_groups(model: nn.Module, recipe: Any, *, new: list[str] | None = None,
