@@ -69,8 +69,8 @@ def model_from_weights(recipe: Any, class_names: list[str]) -> tuple[nn.Module, 
         model = add_configured_se(model, config)
     state = fit_prefix(state, model.state_dict().keys())
     head = classifier_name(model, len(class_names))
-    head_keys = [k for k in model.state_dict() if head is not None and k.startswith(head + ".")]
     own = model.state_dict()
+    head_keys = [k for k in own if head is not None and k.startswith(head + ".")]
     new_head = bool(head_keys) and (recipe.new_head or any(k not in state or state[k].shape != own[k].shape
                                                            for k in head_keys))
     if new_head:
@@ -106,15 +106,15 @@ def start_open_gates(model: nn.Module, recipe: Any) -> list[str]:
 def run_groups(model: nn.Module, recipe: Any, *, new: list[str] | None = None,
                head: str | None = None) -> dict[str, list[str]] | None:
     """The parameter groups of a run: ``new`` as given (by default the SE blocks' parameters when ``--se-lr`` is
-    set), ``frozen`` everything but ``new``, the SE blocks and the ``head`` under ``--freeze-backbone``; ``None``
-    (one group, as runs from scratch have) when neither applies."""
+    set), ``frozen`` everything but ``new``, the SE blocks and the classifier ``head`` under ``--freeze-backbone``
+    (which the recipe allows only with pretrained weights, whose callers name the head); ``None`` (one group, as runs
+    from scratch have) when neither applies."""
     se = _names_under(model, list(se_blocks(model)))
     if new is None and recipe.se_lr is None and not recipe.freeze_backbone:
         return None
     new = se if new is None else new
     frozen: list[str] = []
     if recipe.freeze_backbone:
-        head = head or classifier_name(model, _num_outputs(model))
         kept = set(new) | set(se) | set(_names_under(model, [head] if head else []))
         frozen = [name for name, _ in model.named_parameters() if name not in kept]
     return {"new": new, "frozen": frozen}
@@ -145,11 +145,6 @@ def _pretrained_head(model: nn.Module, recipe: Any, num_classes: int) -> list[st
         classes = 1000
     head = classifier_name(model, num_classes)
     return _names_under(model, [head]) if head and classes != num_classes else []
-
-
-def _num_outputs(model: nn.Module) -> int:
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return last[-1].out_features if last else -1
 
 
 def freeze_norms(model: nn.Module) -> None:
