@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.ops import SqueezeExcitation
 
 from ..errors import SurgeryError
+from .fused_grad import fusable, fused_scale
 
 __all__ = ["SELayer", "SQUEEZES", "EXCITATIONS"]
 
@@ -129,13 +130,21 @@ class SELayer(SqueezeExcitation):
                 return self._scale(u)
             hidden = self.activation(_pointwise(u, self.fc1.weight, self.fc1.bias))
             return self.scale_activation(_pointwise(hidden, self.fc2.weight, self.fc2.bias))
+        return self._excite(self._squeezed(u), rank)[1]
+
+    def _squeezed(self, u: Tensor) -> Tensor:
+        """z, the pooled squeeze of u (rank >= 3) as an N x C matrix."""
+        rank = u.dim()
         if self.squeeze == "avg":
-            z = global_mean(u) if rank == 4 else u.mean(list(range(2, rank)))
-        else:
-            z = u.amax(list(range(2, rank)))
+            return global_mean(u) if rank == 4 else u.mean(list(range(2, rank)))
+        return u.amax(list(range(2, rank)))
+
+    def _excite(self, z: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+        """fc1's activated output (N x C // r) and the gate s (N x C x 1 ... with ``rank`` dimensions) of a pooled
+        squeeze z (N x C), through the block's modules."""
         hidden = self.activation(F.linear(z, self.fc1.weight.flatten(1), self.fc1.bias))
         logits = F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias)
-        return self.scale_activation(logits.view([logits.shape[0], logits.shape[1]] + [1] * (rank - 2)))
+        return hidden, self.scale_activation(logits.view([logits.shape[0], logits.shape[1]] + [1] * (rank - 2)))
 
     def forward(self, u: Tensor, skip: Optional[Tensor] = None, overwrite: bool = False) -> Tensor:
         """u scaled channel-wise by its gate, ``u * s``; given the residual unit's ``skip``, ``skip + u * s``.
@@ -145,8 +154,11 @@ class SELayer(SqueezeExcitation):
         output that nothing else in the block reads, or the block's own sum wrote into it, like torchvision's
         ``out += identity``) and autograd off, the result is written into u, which saves allocating a fresh tensor;
         a hook that keeps u (or the output of the layer that made it) must then clone it. With autograd on, u is
-        kept for the gradient of s.
+        kept for the gradient of s. In training, the standard SE (average squeeze) runs as one autograd Function
+        whose backward reads g, u and s without autograd's expand and gradient sum (``fused_grad``).
         """
+        if fusable(self, u, skip):
+            return fused_scale(self, u, skip)
         s = self.gate(u)
         if skip is None:
             return u * s
