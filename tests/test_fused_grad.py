@@ -1,9 +1,15 @@
 """The SE's fused training Function (``surgery/fused_grad.py``) against autograd on the composed ops: gradcheck,
-float64 gradients to 1e-12, float32 and bfloat16 within rounding in both layouts, AMP, hooks on the gate, and a
+float64 gradients to 1e-12, float32 and bfloat16 within rounding in both layouts, AMP, hooks on the gate, DDP, and a
 ResNet-18 training step with the Function switched off."""
+
+import os
+import socket
+import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision
 from torch.func import functional_call
@@ -11,6 +17,8 @@ from torch.func import functional_call
 from se_surgery import add_se, se_blocks
 from se_surgery.surgery.fused_grad import fused_backward, fused_backward_enabled
 from se_surgery.surgery.se_module import SELayer
+
+from .test_fused import bottleneck_net
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels-last": torch.channels_last}
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
@@ -177,6 +185,17 @@ def test_only_some_inputs_need_gradients():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_the_skip_gets_g_itself():
+    se = layer()
+    u, skip = inputs()
+    u.requires_grad_(), skip.requires_grad_()
+    seen = []
+    skip.register_hook(seen.append)
+    g = torch.randn_like(u)
+    se(u, skip).backward(g)
+    assert seen[0].data_ptr() == g.data_ptr()  # no copy
+
+
 def test_hooks_on_scale_activation_see_the_gate_while_training():
     se = layer()
     seen = []
@@ -239,3 +258,49 @@ def test_resnet18_training_step_gives_the_plain_gradients():
     assert len(found[0]) == len(found[1]) > 80
     for k, v in found[0].items():
         assert relative_error(v, found[1][k]) < 1e-5, k
+
+
+def ddp_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return add_se(bottleneck_net()).to(memory_format=torch.channels_last)
+
+
+def ddp_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(10 + rank)
+    return torch.randn(2, 3, 16, 16, generator=g).contiguous(memory_format=torch.channels_last), torch.arange(2) + rank
+
+
+def _rank_step(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = torch.nn.parallel.DistributedDataParallel(ddp_model())
+    x, y = ddp_batch(rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(x)
+        nodes = fused_nodes(out)
+        F.cross_entropy(out, y).backward()
+    if rank == 0:
+        grads = {k: p.grad.numpy() for k, p in model.module.named_parameters()}
+        queue.put((grads, nodes, [str(w.message) for w in caught]))
+    dist.destroy_process_group()
+
+
+def test_ddp_averages_the_fused_gradients():
+    """Two gloo ranks, channels-last: DDP's reducer takes the Function's fc gradients without a stride warning, and
+    the averaged gradients are those of the composed ops on the two batches (to float32 rounding; a conv bias
+    before a train-mode BatchNorm has a gradient of rounding noise only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("fork").SimpleQueue()
+    mp.start_processes(_rank_step, args=(2, port, queue), nprocs=2, start_method="fork")
+    grads, nodes, caught = queue.get()
+    assert nodes == 2 and caught == []
+    model = ddp_model()
+    with fused_backward(False):
+        sum(F.cross_entropy(model(x), y) for x, y in map(ddp_batch, (0, 1))).div(2).backward()
+    assert grads.keys() == dict(model.named_parameters()).keys()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(torch.from_numpy(grads[k]), p.grad, rtol=1e-4, atol=1e-6, msg=k)
