@@ -304,3 +304,21 @@ def test_ddp_averages_the_fused_gradients():
     assert grads.keys() == dict(model.named_parameters()).keys()
     for k, p in model.named_parameters():
         torch.testing.assert_close(torch.from_numpy(grads[k]), p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_compile_traces_the_composed_ops_without_a_graph_break():
+    """Under torch.compile the SE keeps the composed ops (inductor fuses them itself): one graph, and the
+    gradients of the eager Function."""
+    torch._dynamo.reset()
+    se = layer(dtype=torch.float32)
+    u, skip = (t.requires_grad_() for t in inputs(dtype=torch.float32))
+    explained = torch._dynamo.explain(se)(u, skip)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    found = []
+    for run in (se, torch.compile(se, backend="aot_eager")):
+        out = run(u, skip)
+        found.append((fused_nodes(out), torch.autograd.grad(out.square().sum(), [u, skip, *se.parameters()])))
+    assert [nodes for nodes, _ in found] == [1, 0]
+    for a, b in zip(found[0][1], found[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
