@@ -122,8 +122,8 @@ def test_float64_gradients_are_autograds_to_1e_12(with_skip, excitation, layout)
         assert out.is_contiguous(memory_format=LAYOUTS[layout])
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 9), (2, 6, 3, 4, 5), (2, 6, 1, 1)])
-def test_other_ranks_and_a_1x1_map(shape):
+@pytest.mark.parametrize("shape", [(2, 6, 9), (2, 6, 3, 4, 5), (2, 6, 1, 1), (0, 6, 3, 4)])
+def test_other_ranks_a_1x1_map_and_an_empty_batch(shape):
     se = layer()
     u, skip = inputs(shape=shape)
     ours, out = gradients(fused(se), se, u, skip)

@@ -17,6 +17,7 @@ itself differentiable (``create_graph`` needs ``fused_backward(False)``).
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -129,9 +130,9 @@ class _FusedSE(torch.autograd.Function):
                 grads[3] = grad_pre.sum(0).to(w1.dtype)
             if need_u:
                 out = torch.result_type(g, s)
-                spread = (grad_pre.mm(w1.flatten(1).to(small)) / u[0, 0].numel()).to(out)
+                spread = (grad_pre.mm(w1.flatten(1).to(small)) / math.prod(u.shape[2:])).to(out)
                 spread = spread.view(list(s.shape))
-                if u.stride(1) == 1 and u.shape[1] > 1:  # channels-last: addcmul is one fast pass
+                if g.stride(1) == 1 and c > 1:  # channels-last: addcmul is one fast pass
                     grad_u = torch.addcmul(spread, g, s.to(out))
                 else:  # channels-first: CPU's addcmul broadcasting over the last dims is slower than two passes
                     grad_u = torch.mul(g, s.to(out)).add_(spread)
