@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from analysis.collected import ExcitationStats, resolve_classes, select_blocks
 from analysis.errors import AnalysisError
-from analysis.moments import ClassMoments
+from analysis.moments import ClassMoments, LabelBatch, work_dtype
 from se_surgery.modes import eval_mode
 from se_surgery.surgery import paper_names
 from se_surgery.surgery.layer_types import LayerKind, is_layer
@@ -135,7 +136,10 @@ def dataset_classes(loader: Iterable) -> list[str] | None:
     return [str(c) for c in dataset.classes] if dataset is not None else None
 
 
-_FLUSH_ELEMENTS = 1 << 20  # gate values held back per block before they are folded in (4 MiB in float32)
+# Gate values held back before they are folded in, over all blocks (32 MiB in float32), and images held back (the
+# bound on a batch's one-hot label matrix).
+_FLUSH_ELEMENTS = 1 << 23
+_FLUSH_IMAGES = 4096
 
 
 class GateRecorder:
@@ -160,9 +164,13 @@ class GateRecorder:
         self.labels: torch.Tensor | None = None
         self.moments: dict[str, ClassMoments] = {}  # filled in forward order, the first time each gate fires
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        # Gate outputs wait here and are folded in a few batches at a time: one update per batch would cost more
-        # small-tensor ops than the gates themselves. Bounded by _FLUSH_ELEMENTS per block, not by the image count.
+        # Gate outputs wait here and are folded in a few batches at a time, every block at once: one update per
+        # batch and block would cost more small-tensor ops than the gates themselves, and blocks that saw the same
+        # images share their labels' one-hot matrix. Bounded by _FLUSH_ELEMENTS and _FLUSH_IMAGES, not by the
+        # image count.
         self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._held = 0  # gate values waiting, all blocks
+        self._images: dict[str, int] = {}  # images waiting, per block
 
     def __enter__(self) -> GateRecorder:
         try:
@@ -176,13 +184,26 @@ class GateRecorder:
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
-        for block in list(self._pending):
-            self._flush(block)
+        self._flush()
 
-    def _flush(self, block: str) -> None:
-        pending = self._pending.pop(block, [])
-        if pending:
-            self.moments[block].update(torch.cat([v for v, _ in pending]), torch.cat([y for _, y in pending]))
+    def _flush(self) -> None:
+        """Fold every block's waiting gate outputs in; blocks that saw the same batches share one LabelBatch."""
+        prepared: dict[tuple, LabelBatch] = {}
+        for block, pending in self._pending.items():
+            gate = pending[0][0] if len(pending) == 1 else torch.cat([v for v, _ in pending])
+            values = gate.flatten(1)  # N x C
+            if block not in self.moments:
+                self.moments[block] = ClassMoments(self.num_classes, values.shape[1], bins=self.bins,
+                                                   device=self.device)
+            dtype = work_dtype(values.dtype)
+            key = (dtype, *(id(y) for _, y in pending))  # the label tensors are alive (held here): ids are unique
+            if key not in prepared:
+                labels = pending[0][1] if len(pending) == 1 else torch.cat([y for _, y in pending])
+                prepared[key] = LabelBatch(labels, self.bins, dtype, self.device)
+            self.moments[block].fold(values, prepared[key])
+        self._pending.clear()
+        self._images.clear()
+        self._held = 0
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""
@@ -194,25 +215,51 @@ class GateRecorder:
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
             if self.labels is None:
                 return
-            s = output.detach().flatten(1) if output[:1, :1].numel() == 1 else output.detach().flatten(2).mean(2)
-            if block not in self.moments:
-                self.moments[block] = ClassMoments(self.num_classes, s.shape[1], bins=self.bins, device=self.device)
-            pending = self._pending.setdefault(block, [])
-            pending.append((s, self.labels))
-            if sum(v.numel() for v, _ in pending) >= _FLUSH_ELEMENTS:
-                self._flush(block)
+            # N x C x 1 x 1 waits as the gate gave it (flattened once per flush); a spatial map is averaged now.
+            s = output.detach() if output.shape[2:].numel() == 1 else output.detach().flatten(2).mean(2)
+            self._pending.setdefault(block, []).append((s, self.labels))
+            self._held += s.numel()
+            self._images[block] = images = self._images.get(block, 0) + len(self.labels)
+            if self._held >= _FLUSH_ELEMENTS or images >= _FLUSH_IMAGES:
+                self._flush()
 
         return hook
 
 
-def _keep(labels: torch.Tensor, selected: set[int] | None, per_class: int | None, seen: dict[int, int]) -> torch.Tensor:
-    """Mask of the batch's images still wanted: of a selected class, and under the per-class quota."""
-    keep = []
-    for label in labels.tolist():
-        ok = (selected is None or label in selected) and (per_class is None or seen.get(label, 0) < per_class)
-        seen[label] = seen.get(label, 0) + ok
-        keep.append(ok)
-    return torch.tensor(keep, dtype=torch.bool)
+class _Quota:
+    """Which images of each batch are still wanted: of a selected class, and under the per-class quota (the first
+    ones the loader yields). Counted with tensor operations: no Python loop over a batch's labels."""
+
+    def __init__(self, selected: Iterable[int] | None, per_class: int | None, wanted: Iterable[int] | None) -> None:
+        self.selected = torch.tensor(sorted(selected), dtype=torch.long) if selected is not None else None
+        self.wanted = torch.tensor(sorted(wanted), dtype=torch.long) if wanted is not None else None
+        self.per_class = per_class
+        self.seen = torch.zeros(0, dtype=torch.long)  # images taken so far, per class
+
+    def keep(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Mask of the batch's images to capture (on the labels' device); ``None`` when every image is."""
+        if (self.selected is None and self.per_class is None) or not len(labels):
+            return None
+        labels = labels.long()
+        mask = (torch.isin(labels, self.selected.to(labels.device)) if self.selected is not None
+                else torch.ones_like(labels, dtype=torch.bool))
+        if self.per_class is not None:
+            k = max(int(labels.max()) + 1, len(self.seen))
+            self.seen = torch.cat([self.seen.to(labels.device), self.seen.new_zeros(k - len(self.seen),
+                                                                                    device=labels.device)])
+            taken = F.one_hot(labels, k) * mask.unsqueeze(1)
+            before = taken.cumsum(0).gather(1, labels.unsqueeze(1)).squeeze(1) - 1  # earlier images of its class
+            mask &= self.seen[labels] + before < self.per_class
+            self.seen += torch.bincount(labels[mask], minlength=k)
+        return mask
+
+    def done(self) -> bool:
+        """Whether every wanted class has its quota (never, without a quota or a known class list)."""
+        if self.per_class is None or self.wanted is None or not len(self.wanted):
+            return False
+        if int(self.wanted.max()) >= len(self.seen):
+            return False
+        return bool((self.seen[self.wanted.to(self.seen.device)] >= self.per_class).all())
 
 
 def capture_excitations(
@@ -291,20 +338,20 @@ def record_excitations(
     num_classes = len(names) if names else max(classes or [0]) + 1
     selected = set(classes) if classes is not None else None
     wanted = selected if selected is not None else (set(range(len(names))) if names else None)
-    seen: dict[int, int] = {}
+    quota = _Quota(selected, per_class, wanted)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     bar = tqdm(loader, desc="excitations", unit="batch", disable=not progress or rank != 0, leave=False)
     with eval_mode(model), torch.no_grad(), GateRecorder(
         model, found.gates, num_classes, bins=bins, device=device
     ) as recorder:
         for images, labels in bar:
-            keep = _keep(labels, selected, per_class, seen)
-            if not keep.all():
-                images, labels = images[keep], labels[keep]
+            keep = quota.keep(labels)
+            if keep is not None and not keep.all():
+                images, labels = images[keep.to(images.device)], labels[keep]
             if len(labels):
                 recorder.labels = labels.to(device)
                 model(images.to(device, non_blocking=True))
-            if per_class is not None and wanted is not None and all(seen.get(k, 0) >= per_class for k in wanted):
+            if quota.done():
                 break
     bar.close()
     if not recorder.moments:

@@ -14,8 +14,57 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-__all__ = ["ClassMoments"]
+__all__ = ["ClassMoments", "LabelBatch", "work_dtype"]
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a batch's own sums are taken in: float64 for float64 values, float32 for every other."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LabelBatch:
+    """A batch's labels in the forms :meth:`ClassMoments.fold` needs, made once for every block that saw the batch.
+
+    Only the classes present in the batch are summed (their count bounded by the batch, not by the 1000 of
+    ImageNet). Up to :attr:`MATMUL_CLASSES` of them, the class sums are one-hot matrix products in the work dtype
+    (BLAS accumulates them in blocks, so float32 sums of thousands of samples stay within 1e-7); beyond, they are
+    scatters (``index_add_``) in float64.
+
+    Args:
+        labels: ``(N,)`` integer class of each sample.
+        bins: Histogram bins of the moments it will be folded into.
+        dtype: The values' work dtype (:func:`work_dtype`).
+        device: Where the accumulators live.
+    """
+
+    MATMUL_CLASSES = 64
+
+    def __init__(self, labels: torch.Tensor, bins: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        labels = labels.to(device, torch.long)
+        self.device, self.bins = labels.device, bins
+        self.present, self.column = labels.unique(return_inverse=True)  # the batch's classes (sorted); each sample's
+        k = len(self.present)
+        self.num_classes = int(self.present[-1]) + 1 if k else 0
+        self.dtype = dtype if k <= self.MATMUL_CLASSES else torch.float64
+        self.onehot = F.one_hot(self.column, k).to(self.dtype) if k <= self.MATMUL_CLASSES else None  # N x K'
+        self.onehot_t = self.onehot.t().contiguous() if self.onehot is not None else None
+        self.n = torch.bincount(self.column, minlength=k).to(torch.float64)
+        self.count = self.n.to(self.dtype).unsqueeze(1)  # >= 1: only present classes are summed
+        self.offsets = (self.column.to(torch.int32) * bins).unsqueeze(1)  # each sample's first histogram bin
+
+    def class_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """K' x C: the sum of ``values`` (N x C, in :attr:`dtype`) over the samples of each present class."""
+        if self.onehot_t is not None:
+            return self.onehot_t.mm(values)
+        return values.new_zeros(len(self.present), values.shape[1]).index_add_(0, self.column, values)
+
+    def less_class_means(self, values: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+        """``values`` less the mean (row of ``means``, K' x C) of each sample's class."""
+        if self.onehot is not None:
+            return torch.addmm(values, self.onehot, means, alpha=-1)
+        return values - means.index_select(0, self.column)
 
 
 def _pad_rows(t: torch.Tensor, extra: int) -> torch.Tensor:
@@ -55,21 +104,36 @@ class ClassMoments:
     def update(self, values: torch.Tensor, labels: torch.Tensor) -> None:
         """Fold in a batch.
 
+        The batch's own count, mean and M2 per class are computed in the values' dtype (float64 stays float64;
+        float32, bfloat16 and half in float32) with one-hot matrix products and the corrected two-pass formula
+        (Chan et al.'s eq. 1.7: the centred sum removes the first-order error of the batch mean), then merged into
+        the float64 accumulators. The histogram bins the values as they are.
+
         Args:
-            values: ``(N, C)`` samples (any float dtype; accumulated in float64).
+            values: ``(N, C)`` samples (any float dtype).
             labels: ``(N,)`` integer class of each sample.
         """
-        values = values.to(self.mean.device, torch.float64)
-        labels = labels.to(self.mean.device, torch.long)
-        self.grow(int(labels.max()) + 1)
-        k = self.num_classes
-        n_b = torch.bincount(labels, minlength=k).to(torch.float64)
-        sums = torch.zeros_like(self.mean).index_add_(0, labels, values)
-        mean_b = sums / n_b.clamp(min=1).unsqueeze(1)
-        m2_b = torch.zeros_like(self.m2).index_add_(0, labels, (values - mean_b[labels]).square())
-        self._combine(n_b, mean_b, m2_b)
-        idx = (values * self.bins).long().clamp_(0, self.bins - 1) + labels.unsqueeze(1) * self.bins
-        self.hist += torch.bincount(idx.flatten(), minlength=k * self.bins).view(k, self.bins)
+        self.fold(values, LabelBatch(labels, self.bins, work_dtype(values.dtype), self.mean.device))
+
+    def fold(self, values: torch.Tensor, batch: LabelBatch) -> None:
+        """:meth:`update` with the labels already prepared (shared by every block that saw the same images)."""
+        if batch.bins != self.bins:
+            raise ValueError(f"labels prepared for {batch.bins} histogram bins, not this accumulator's {self.bins}")
+        rows = batch.present
+        if not len(rows):
+            return
+        values = values.to(batch.device, batch.dtype)
+        self.grow(batch.num_classes)
+        mean_b = batch.class_sums(values) / batch.count
+        centred = batch.less_class_means(values, mean_b)
+        residual = batch.class_sums(centred).double()  # the centred sum: 0 up to the rounding of mean_b
+        count = batch.count.double()
+        m2_b = (batch.class_sums(centred.square()).double() - residual.square() / count).clamp_(min=0)
+        self._combine(batch.n, mean_b.double() + residual / count, m2_b, rows)
+        bins = (values * self.bins).clamp_(0, self.bins - 1).to(torch.int32).clamp_(0, self.bins - 1)  # NaN -> 0
+        bins += batch.offsets
+        hist = torch.bincount(bins.flatten(), minlength=len(rows) * self.bins).view(len(rows), self.bins)
+        self.hist.index_add_(0, rows, hist)
 
     def merge(self, other: ClassMoments) -> ClassMoments:
         """Fold another accumulator (same channels and bins) into this one; returns ``self``."""
@@ -87,14 +151,22 @@ class ClassMoments:
         self.hist += hist_b
         return self
 
-    def _combine(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        """Chan's update: (n_a, mean_a, M2_a) + (n_b, mean_b, M2_b) -> pooled, row by row."""
-        n = self.n + n_b
+    def _combine(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor,
+                 rows: torch.Tensor | None = None) -> None:
+        """Chan's update: (n_a, mean_a, M2_a) + (n_b, mean_b, M2_b) -> pooled, row by row (the class ``rows`` of
+        the accumulators, when given; every row otherwise)."""
+        n_a, mean_a = (self.n, self.mean) if rows is None else (self.n[rows], self.mean[rows])
+        n = n_a + n_b
         w_b = (n_b / n.clamp(min=1)).unsqueeze(1)  # 0 where the batch has no sample of the class
-        delta = mean_b - self.mean
-        self.mean += delta * w_b
-        self.m2 += m2_b + delta.square() * (self.n.unsqueeze(1) * w_b)
-        self.n = n
+        delta = mean_b - mean_a
+        mean = mean_a + delta * w_b
+        m2 = m2_b + delta.square() * (n_a.unsqueeze(1) * w_b)
+        if rows is None:
+            self.mean, self.n = mean, n
+            self.m2 += m2
+        else:
+            self.mean[rows], self.n[rows] = mean, n
+            self.m2.index_add_(0, rows, m2)
 
     def all_reduce(self) -> None:
         """Pool the accumulators of every rank in place (a no-op unless ``torch.distributed`` is initialised).

@@ -60,7 +60,7 @@ def test_streaming_mean_std_match_stored_outputs(timm_se: bool) -> None:
 
 def test_chan_merge_of_parts_equals_whole() -> None:
     g = torch.Generator().manual_seed(1)
-    values, labels = torch.rand(500, 7, generator=g), torch.randint(0, 5, (500,), generator=g)
+    values, labels = torch.rand(500, 7, generator=g, dtype=torch.float64), torch.randint(0, 5, (500,), generator=g)
     whole = ClassMoments(5, 7)
     whole.update(values, labels)
     parts = [ClassMoments(1, 7) for _ in range(3)]  # grows as labels need
@@ -68,7 +68,77 @@ def test_chan_merge_of_parts_equals_whole() -> None:
         part.update(values[idx], labels[idx])
     merged = parts[0].merge(parts[1]).merge(parts[2])
     for a, b in [(merged.n, whole.n), (merged.mean, whole.mean), (merged.m2, whole.m2), (merged.hist, whole.hist)]:
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def direct_moments(values: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean and sample std of ``values`` computed whole in float64 by the two-pass formula (the reference;
+    ``torch.std(0)`` itself strays by 1e-12 where the std is 1e-5 of the mean)."""
+    rows = [values.double()[labels == c] for c in range(k)]
+    means = [r.mean(0) for r in rows]
+    return (torch.stack(means),
+            torch.stack([((r - m).square().sum(0) / (len(r) - 1)).sqrt() for r, m in zip(rows, means)]))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 1e-6)])
+def test_batch_sums_in_the_gate_dtype_agree_with_a_float64_reference(dtype, rtol) -> None:
+    # Gates as a trained network has them: some near 0.5, some saturated near 0 or 1 (a small variance near a large
+    # mean is where a sum-of-squares formula would lose every digit), folded in batches of uneven size.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3000, 40, generator=g, dtype=torch.float64) * 0.5 + torch.linspace(-9, 9, 40).double()
+    values, labels = torch.sigmoid(logits).to(dtype), torch.randint(0, 6, (3000,), generator=g)
+    moments = ClassMoments(2, 40)  # grows to 6 classes
+    for idx in torch.tensor_split(torch.arange(3000), [1, 64, 700, 2999]):
+        moments.update(values[idx], labels[idx])
+    mean, std = direct_moments(values, labels, 6)
+    torch.testing.assert_close(moments.mean, mean, rtol=rtol, atol=0)
+    torch.testing.assert_close(moments.std(), std, rtol=rtol, atol=0)
+    assert moments.n.tolist() == torch.bincount(labels).double().tolist()
+    ref_hist = torch.stack([torch.histc(values[labels == c].double(), bins=20, min=0, max=1) for c in range(6)])
+    assert (moments.hist - ref_hist.long()).abs().sum() <= 2  # only a value on a bin edge may fall differently
+
+
+def test_float64_capture_agrees_with_the_stored_outputs_to_1e_12() -> None:
+    model, loader = seeded_model().double(), make_loader(n=70, batch_size=16)
+    loader = [(x.double(), y) for x, y in loader]
+    stats = capture_excitations(model, loader)
+    stored, labels = stored_gate_outputs(model, loader)
+    for block, s in stored.items():
+        mean, std = direct_moments(s, labels, 4)
+        torch.testing.assert_close(torch.from_numpy(stats.mean(block, 2)), mean[2], rtol=1e-12, atol=0)
+        torch.testing.assert_close(torch.from_numpy(stats.std(block, 2)), std[2], rtol=1e-12, atol=0)
+
+
+def test_nan_and_out_of_range_values_land_in_the_end_bins() -> None:
+    moments = ClassMoments(1, 4, bins=10)
+    moments.update(torch.tensor([[float("nan"), -3.0, 7.0, 1.0]]), torch.tensor([0]))
+    assert moments.hist[0].tolist() == [2, 0, 0, 0, 0, 0, 0, 0, 0, 2]
+
+
+def quota_reference(batches, selected, per_class):
+    """The per-image rule the capture's quota follows, written as a plain loop."""
+    seen: dict[int, int] = {}
+    masks = []
+    for labels in batches:
+        keep = []
+        for label in labels.tolist():
+            ok = (selected is None or label in selected) and (per_class is None or seen.get(label, 0) < per_class)
+            seen[label] = seen.get(label, 0) + ok
+            keep.append(ok)
+        masks.append(keep)
+    return masks
+
+
+@pytest.mark.parametrize("selected, per_class", [({1, 3}, None), (None, 4), ({0, 2, 5}, 3), (None, None)])
+def test_quota_takes_the_first_images_of_each_selected_class(selected, per_class) -> None:
+    from analysis.capture import _Quota
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 6, (n,), generator=g) for n in (7, 1, 16, 5, 9)]
+    quota = _Quota(selected, per_class, selected if selected is not None else range(6))
+    for labels, ref in zip(batches, quota_reference(batches, selected, per_class)):
+        keep = quota.keep(labels)
+        assert (keep.tolist() if keep is not None else [True] * len(labels)) == ref
 
 
 def test_excitation_stats_merge_equals_single_capture(tiny_senet) -> None:

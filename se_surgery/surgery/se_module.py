@@ -157,8 +157,9 @@ class SELayer(SqueezeExcitation):
         kept for the gradient of s. In training, the standard SE (average squeeze) runs as one autograd Function
         whose backward reads g, u and s without autograd's expand and gradient sum (``fused_grad``).
         """
-        if fusable(self, u, skip):
-            return fused_scale(self, u, skip)
+        if not torch.jit.is_scripting():  # TorchScript keeps the composed ops
+            if fusable(self, u, skip):
+                return fused_scale(self, u, skip)
         s = self.gate(u)
         if skip is None:
             return u * s
