@@ -51,6 +51,7 @@ import train as train_bench  # noqa: E402  (benchmarks/train.py)
 
 from analysis import capture_excitations  # noqa: E402
 from se_surgery import add_se  # noqa: E402
+from se_surgery.surgery.fused_grad import fused_backward  # noqa: E402
 from se_surgery.train import loop  # noqa: E402
 from se_surgery.train.recipe import get_recipe  # noqa: E402
 
@@ -89,7 +90,7 @@ class Sizes:
     def pick(cls, quick: bool, compile: bool) -> Sizes:
         if quick:
             return cls("resnet18", "seresnet18", 64, 4, 8, 2, 3, 1, 0, 64, 32, False)
-        return cls("resnet50", "seresnet50", 224, 32, 256, 10, 30, 2, 6, 8192, 224, compile)
+        return cls("resnet50", "seresnet50", 224, 32, 256, 15, 30, 2, 6, 8192, 224, compile)
 
 
 def synced(device: torch.device, fn: Callable[[], object]) -> Callable[[], None]:
@@ -156,9 +157,10 @@ def surgery(device: torch.device, sizes: Sizes) -> list[Row]:
     amp = dict(device_type=device.type, dtype=torch.bfloat16)
     with torch.inference_mode():
         table(f"eval fp32, batch {sizes.eval_batch}", {k: (lambda m=m: m(x)) for k, m in models.items()}, sizes.rounds)
-        for m in models.values():
-            m.to(memory_format=torch.channels_last)
-        xl = x.contiguous(memory_format=torch.channels_last)
+    for m in models.values():  # outside inference mode: weights made in it could not be saved for backward
+        m.to(memory_format=torch.channels_last)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
 
         def amp_eval(m: nn.Module) -> Callable[[], object]:
             def run() -> object:
@@ -176,29 +178,46 @@ def surgery(device: torch.device, sizes: Sizes) -> list[Row]:
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in nets.items()}
     losses: dict[str, float] = {}
 
-    def step(key: str) -> None:
+    def step(key: str, fused: bool = True) -> None:
         opts[key].zero_grad()
-        with torch.autocast(**amp):
+        with torch.autocast(**amp), fused_backward(fused):
             out = nets[key](xt)
         loss = nn.functional.cross_entropy(out.float(), y)
         loss.backward()
         opts[key].step()
         losses[key] = loss.detach()
 
-    table(f"train step AMP + channels-last, batch {len(xt)}", {k: (lambda k=k: step(k)) for k in nets},
-          max(sizes.rounds // 2, 2))
+    pool = surgery_bench.pooling_floor(surgery_bench.se_inputs(nets["SE fused"], xt))
+
+    def pool_amp() -> object:
+        with torch.autocast(**amp):
+            return pool()
+
+    fns = {"plain": lambda: step("plain"), "SE fused": lambda: step("SE fused"),
+           "SE autograd": lambda: step("SE fused", fused=False), "timm SE": lambda: step("timm SE")}
+    times = surgery_bench.interleaved({k: synced(device, fn) for k, fn in {**fns, "pool": pool_amp}.items()},
+                                      sizes.rounds)
+    floor = (statistics.median(times["plain"]) + statistics.median(times.pop("pool"))) / statistics.median(
+        times["plain"])
+    what = f"train step AMP + channels-last, batch {len(xt)}"
+    rel = surgery_bench.ratios(times, "plain")
+    rows.append(Row("surgery", f"{what}: plain", median_ms(times["plain"]), "ms", f"median of {sizes.rounds}"))
+    for key in (k for k in times if k != "plain"):
+        rows.append(Row("surgery", f"{what}: {key} / plain", statistics.median(rel[key]), "x",
+                        f"rounds {min(rel[key]):.3f}-{max(rel[key]):.3f}"))
+    rows.append(Row("surgery", f"{what}: floor / plain", floor, "x", "plain + the pooling and its backward alone"))
     if not all(math.isfinite(float(v)) for v in losses.values()):
         raise PartFailed(rows, f"a training step's loss is not finite: {losses}")
     for m in nets.values():
         m.eval()
 
     if sizes.compile:
-        compiled = {k: torch.compile(models[k]) for k in ("plain", "SE fused")}
+        compiled = {k: torch.compile(models[k]) for k in ("plain", "SE fused", "timm SE")}
         with torch.inference_mode():
             started = time.perf_counter()
             for fn in compiled.values():
                 amp_eval(fn)()  # compiles
-            rows.append(Row("surgery", "compile eval (2 models)", time.perf_counter() - started, "s", "inductor"))
+            rows.append(Row("surgery", "compile eval (3 models)", time.perf_counter() - started, "s", "inductor"))
             table(f"compiled eval AMP + channels-last, batch {sizes.eval_batch}",
                   {k: amp_eval(m) for k, m in compiled.items()}, sizes.rounds)
     return rows
@@ -297,23 +316,29 @@ def ddp_step(device: torch.device, sizes: Sizes) -> list[Row]:
 
 # --- 5. an excitation capture ----------------------------------------------------------------------------------------
 def capture(device: torch.device, sizes: Sizes) -> list[Row]:
-    model = capture_bench.se_resnet18(sizes.capture_size).to(device)
+    import timm
+
+    models = {"SE": capture_bench.se_resnet18(sizes.capture_size).to(device),
+              "timm SE": timm.create_model("seresnet18", num_classes=10).eval().to(device)}
     batch = 256 if device.type == "cuda" else 32
     data = [(x.to(device), y) for x, y in capture_bench.RandomImages(sizes.capture_images, batch, sizes.capture_size)]
-    plain = synced(device, lambda: capture_bench.plain_pass(model, data))
-    captured = synced(device, lambda: capture_excitations(model, data))
-    plain(), captured()  # warm-up
-    pairs = [(capture_bench.timed(plain)[0], capture_bench.timed(captured)[0]) for _ in range(sizes.rounds)]
-    stats = capture_excitations(model, data[:1])
-    means = [stats.mean(block) for block in stats.blocks]
-    if not all(torch.isfinite(torch.as_tensor(m)).all() for m in means):
-        raise RuntimeError("the captured excitation means are not finite")
-    ratios = [c / p for p, c in pairs]
-    what = f"SE-ResNet-18, {sizes.capture_images} images of {sizes.capture_size}px, batch {batch}"
-    return [Row("capture", f"plain inference: {what}", statistics.median(p for p, _ in pairs), "s",
-                f"median of {sizes.rounds}"),
-            Row("capture", "capture / plain", statistics.median(ratios), "x",
-                f"pairs {min(ratios):.3f}-{max(ratios):.3f}; {len(stats.blocks)} blocks")]
+    fns = {}
+    for key, model in models.items():
+        fns[key] = synced(device, lambda m=model: capture_bench.plain_pass(m, data))
+        fns[f"{key} capture"] = synced(device, lambda m=model: capture_excitations(m, data))
+    times = surgery_bench.interleaved(fns, sizes.rounds)
+    rows = []
+    for key, model in models.items():
+        stats = capture_excitations(model, data[:1])
+        if not all(torch.isfinite(torch.as_tensor(stats.mean(block))).all() for block in stats.blocks):
+            raise PartFailed(rows, f"{key}: the captured excitation means are not finite")
+        ratios = [c / p for c, p in zip(times[f"{key} capture"], times[key])]
+        what = f"{key}-ResNet-18, {sizes.capture_images} images of {sizes.capture_size}px, batch {batch}"
+        rows += [Row("capture", f"plain inference: {what}", statistics.median(times[key]), "s",
+                     f"median of {sizes.rounds}"),
+                 Row("capture", f"{key}: capture / plain", statistics.median(ratios), "x",
+                     f"rounds {min(ratios):.3f}-{max(ratios):.3f}; {len(stats.blocks)} blocks")]
+    return rows
 
 
 # --- the table --------------------------------------------------------------------------------------------------------

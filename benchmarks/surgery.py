@@ -1,6 +1,7 @@
 """Surgery benchmark: cost of add_se itself, and the SE overhead, measured side by side in one run.
 
     python benchmarks/surgery.py [--rounds 15] [--threads 2] [--no-forward] [--no-train] [--no-compile]
+                                 [--no-capture]
 
 Prints the time of add_se(resnet50()), then, against plain ResNet-50 (torchvision, random weights), the time ratios of:
 the same network rewritten with no SE in it (add_se(se_layer=nn.Identity): the cost of the generated forward
@@ -9,7 +10,16 @@ seresnet50 (random weights); at batch 1 and 8, contiguous and channels-last, eva
 interleaved (A B C D E, A B C D E, ...), so drift hits all alike; each round gives one ratio per model, and the median
 and the min-max over rounds are printed. The floor: plain ResNet-50 plus the pooling reads alone (one mean over each
 tensor an SE gates), the least any SE can cost.
-Then a training step (forward, backward, SGD step; batch 8, train mode) and torch.compile (inductor) at batch 8.
+
+Then, each over the same number of interleaved rounds:
+
+- a training step (forward, backward, SGD step; batch 8, train mode): the fused SE with its fused backward (the
+  default), the same with autograd's backward of the composed ops (``fused_backward(False)``), timm's; the floor is
+  plain plus the squeeze's pooling and its backward alone (a mean over each gated tensor and its gradient);
+- torch.compile (inductor), eval at batch 8: plain, the fused SE and timm's, each compiled;
+- the excitation capture (``analysis.capture_excitations``, every gate's statistics per class) over 2 batches of 8
+  against plain inference of the same model, for add_se's SE-ResNet-50 and for timm's.
+
 The paper: 164 ms -> 167 ms (+1.8%) for one 224x224 image on a CPU; 209 vs 190 ms per training step on GPUs.
 """
 
@@ -25,6 +35,7 @@ import torchvision
 from torch import nn
 
 from se_surgery import add_se, se_blocks
+from se_surgery.surgery.fused_grad import fused_backward
 from se_surgery.surgery.se_module import global_mean
 
 
@@ -93,6 +104,84 @@ def compared_models(base: nn.Module, timm_name: str = "seresnet50", example_inpu
     }
 
 
+def pooling_floor(tensors: list[torch.Tensor]) -> Callable[[], object]:
+    """The squeeze's pooling and its backward alone: a mean over each of ``tensors`` (the SE inputs u) and the
+    gradient of u it gives (the expand of grad_z / HW), with nothing else of an SE block."""
+    leaves = [u.detach().clone().requires_grad_() for u in tensors]
+
+    def run() -> object:
+        pooled = [global_mean(u) for u in leaves]
+        return torch.autograd.grad(pooled, leaves, [torch.ones_like(z) for z in pooled])
+
+    return run
+
+
+def train_step(models: dict[str, nn.Module], rounds: int) -> None:
+    """Forward, backward and SGD step at batch 8: plain, the fused SE with its fused backward and with autograd's,
+    timm's; the floor is plain plus the pooling and its backward over the tensors the SE gates."""
+    x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
+    nets = {k: models[k].train() for k in ("plain", "SE fused", "timm SE")}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in nets.items()}
+
+    def step(key: str) -> None:
+        opts[key].zero_grad()
+        torch.nn.functional.cross_entropy(nets[key](x), y).backward()
+        opts[key].step()
+
+    def autograd_step() -> None:
+        with fused_backward(False):
+            step("SE fused")
+
+    fns = {"plain": lambda: step("plain"), "SE fused": lambda: step("SE fused"), "SE autograd": autograd_step,
+           "timm SE": lambda: step("timm SE"), "pool": pooling_floor(se_inputs(nets["SE fused"], x))}
+    times = interleaved(fns, rounds)
+    pool = times.pop("pool")
+    print_table(f"\ntraining step (forward, backward, SGD), batch 8, train mode, contiguous, {rounds} rounds "
+                "(SE autograd: the fused SE's forward, autograd's backward)", times,
+                {"floor": statistics.median(times["plain"]) + statistics.median(pool)})
+    for m in nets.values():
+        m.eval()
+
+
+def compiled_eval(models: dict[str, nn.Module], rounds: int) -> None:
+    """torch.compile (inductor) of plain, the fused SE and timm's: eval at batch 8."""
+    x = torch.randn(8, 3, 224, 224)
+    compiled = {k: torch.compile(models[k]) for k in ("plain", "SE fused", "timm SE")}
+    with torch.inference_mode():
+        started = time.perf_counter()
+        for m in compiled.values():
+            m(x)  # compiles (minutes on 2 cores)
+        print(f"\ntorch.compile: {time.perf_counter() - started:.0f} s to compile the 3 models")
+        times = interleaved({k: (lambda m=m: m(x)) for k, m in compiled.items()}, rounds)
+    print_table(f"torch.compile (inductor), eval, batch 8, contiguous, {rounds} rounds", times)
+
+
+def capture(models: dict[str, nn.Module], rounds: int) -> None:
+    """The excitation capture over 2 batches of 8 (every gate's per-class statistics) against plain inference of
+    the same model, for add_se's SE and timm's; ratios to each model's own inference."""
+    from analysis import capture_excitations
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 224, 224, generator=g), torch.randint(0, 1000, (8,), generator=g)) for _ in range(2)]
+
+    def infer(model: nn.Module) -> None:
+        with torch.no_grad():
+            for images, _ in data:
+                model(images)
+
+    fns = {}
+    for key in ("SE fused", "timm SE"):
+        fns[key] = lambda m=models[key]: infer(m)
+        fns[f"{key} capture"] = lambda m=models[key]: capture_excitations(m, data)
+    times = interleaved(fns, rounds)
+    print(f"\nexcitation capture, 2 batches of 8 at 224x224, contiguous, {rounds} rounds: ratio to the same model's"
+          " inference per round, median (min-max)")
+    for key in ("SE fused", "timm SE"):
+        rel = [c / p for c, p in zip(times[f"{key} capture"], times[key])]
+        print(f"  {key:>12}: {statistics.median(times[key]) * 1e3:8.1f} ms inference, "
+              f"{statistics.median(times[f'{key} capture']) * 1e3:8.1f} ms capture   {spread(rel)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per configuration")
@@ -100,6 +189,7 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (minutes)")
     parser.add_argument("--no-train", dest="train", action="store_false", help="skip the training step")
     parser.add_argument("--no-forward", dest="forward", action="store_false", help="skip the eval forward table")
+    parser.add_argument("--no-capture", dest="capture", action="store_false", help="skip the capture table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -130,30 +220,11 @@ def main() -> None:
     for m in models.values():
         m.to(memory_format=torch.contiguous_format)
     if args.train:
-        x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
-        nets = {k: m.train() for k, m in models.items() if k != "fx, no SE"}
-        opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in nets.items()}
-
-        def step(key: str) -> None:
-            opts[key].zero_grad()
-            torch.nn.functional.cross_entropy(nets[key](x), y).backward()
-            opts[key].step()
-
-        times = interleaved({k: (lambda k=k: step(k)) for k in nets}, max(args.rounds // 2, 3))
-        rounds = len(times["plain"])
-        print_table(f"\ntraining step (forward, backward, SGD), batch 8, train mode, contiguous, {rounds} rounds",
-                    times)
-        for m in nets.values():
-            m.eval()
-
+        train_step(models, args.rounds)
     if args.compile:
-        x = torch.randn(8, 3, 224, 224)
-        compiled = {k: torch.compile(models[k]) for k in ("plain", "SE fused")}
-        with torch.inference_mode():
-            for m in compiled.values():
-                m(x)  # compiles (minutes on 2 cores)
-            times = interleaved({k: (lambda m=m: m(x)) for k, m in compiled.items()}, max(args.rounds // 2, 3))
-        print_table(f"\ntorch.compile (inductor), eval, batch 8, contiguous, {len(times['plain'])} rounds", times)
+        compiled_eval(models, args.rounds)
+    if args.capture:
+        capture(models, args.rounds)
 
     print("\npaper (SENet Sec. 4): one CPU, batch 1: 164 ms -> 167 ms, 1.02x; "
           "training step on GPUs: 190 -> 209 ms, 1.10x")
