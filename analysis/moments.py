@@ -128,9 +128,10 @@ class ClassMoments:
         centred = batch.less_class_means(values, mean_b)
         residual = batch.class_sums(centred).double()  # the centred sum: 0 up to the rounding of mean_b
         count = batch.count.double()
-        m2_b = (batch.class_sums(centred.square()).double() - residual.square() / count).clamp_(min=0)
+        m2_b = (batch.class_sums(centred.square_()).double() - residual.square() / count).clamp_(min=0)
         self._combine(batch.n, mean_b.double() + residual / count, m2_b, rows)
-        bins = (values * self.bins).clamp_(0, self.bins - 1).to(torch.int32).clamp_(0, self.bins - 1)  # NaN -> 0
+        scaled = torch.mul(values, self.bins, out=centred).clamp_(0, self.bins - 1)  # centred's memory, reused
+        bins = scaled.to(torch.int32).clamp_(0, self.bins - 1)  # a NaN (an int's minimum) to bin 0
         bins += batch.offsets
         hist = torch.bincount(bins.flatten(), minlength=len(rows) * self.bins).view(len(rows), self.bins)
         self.hist.index_add_(0, rows, hist)

@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512, help="N, images per timed pass (memory: N and 4N)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=32, help="image side (32: the digits demo)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed pairs (median ratio reported)")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved timed pairs (median ratio reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--_memory", type=int, help=argparse.SUPPRESS)  # internal: one memory run in a child
     args = parser.parse_args()
