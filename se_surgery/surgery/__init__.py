@@ -19,6 +19,7 @@ Nothing here imports the trainer.
 
 from .config import SEConfig
 from .cost import Summary, summary
+from .fused_grad import fused_backward
 from .insert import add_se, apply_plan
 from .layer_types import LayerKind, register_layer_type
 from .planning import Plan, Skip, Unit, UnitKind, plan
@@ -28,4 +29,4 @@ from .skips import SkipKind, Untraceable
 
 __all__ = ["add_se", "plan", "apply_plan", "remove_se", "se_blocks", "paper_names", "summary", "Summary", "SELayer",
            "SEConfig", "Plan", "Unit", "UnitKind", "Skip", "SkipKind", "Untraceable", "register_layer_type",
-           "LayerKind"]
+           "LayerKind", "fused_backward"]
