@@ -195,7 +195,8 @@ def test_gpu_check_runs_its_cpu_path(tmp_path):
     assert all(math.isfinite(float(r["value"])) for r in rows), rows
     checks = {r["check"]: float(r["value"]) for r in rows}
     assert checks["failed"] == 0 and checks["skipped"] >= 4  # the cuda tests, skipped on the CPU
-    assert checks["trainer / bare loop"] > 0 and checks["SE: capture / plain"] > 0 and checks["timm SE: capture / plain"] > 0
+    assert checks["trainer / bare loop"] > 0
+    assert checks["SE: capture / plain"] > 0 and checks["timm SE: capture / plain"] > 0
     train = {k.rpartition(": ")[2]: v for k, v in checks.items() if k.startswith("train step AMP + channels-last")}
     assert {"SE fused / plain", "SE autograd / plain", "timm SE / plain", "floor / plain"} <= set(train)
     assert train["floor / plain"] > 1  # the pooling and its backward cost something
