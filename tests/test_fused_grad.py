@@ -199,17 +199,74 @@ def test_the_skip_gets_g_itself():
 def test_hooks_on_scale_activation_see_the_gate_while_training():
     se = layer()
     seen = []
-    se.scale_activation.register_forward_hook(lambda mod, i, o: seen.append(o))
+    handle = se.scale_activation.register_forward_hook(lambda mod, i, o: seen.append(o))
     u, skip = inputs()
     u.requires_grad_()
     out = se(u, skip)
-    assert fused_nodes(out) == 1 and len(seen) == 1
-    s = seen[0]
-    assert s.shape == (2, 6, 1, 1)
-    torch.testing.assert_close(s, se.gate(u.detach()), rtol=0, atol=0)
-    torch.testing.assert_close(out, skip + u * s, rtol=1e-15, atol=1e-15)
-    out.sum().backward()  # the backward calls no module: the hook fires only for the forward (and gate above)
-    assert len(seen) == 2
+    assert len(seen) == 1 and seen[0].shape == (2, 6, 1, 1)
+    torch.testing.assert_close(seen[0], se.gate(u.detach()), rtol=0, atol=0)
+    torch.testing.assert_close(out, skip + u * seen[0], rtol=1e-15, atol=1e-15)
+    assert fused_nodes(out) == 0  # watched: autograd's graph, so that s keeps its history
+    handle.remove()
+    assert fused_nodes(se(u, skip)) == 1  # unwatched: the fused Function
+
+
+@pytest.mark.parametrize("hook", ["replace", "pre-hook", "regulariser", "global"])
+def test_what_a_hook_does_to_the_gate_gets_autograds_gradients(hook):
+    # A hook that replaces s, scales the excitation's input, or builds a loss on the s it keeps must get the
+    # gradients autograd would give: the Function cannot see what the hook did, so the composed ops run.
+    se, kept = layer(), []
+    u, skip = inputs()
+
+    def run(params, u, skip):
+        out = functional_call(se, params, (u, skip))
+        return out + 0.5 * kept.pop().sum() if hook == "regulariser" else out
+
+    if hook == "replace":
+        handle = se.scale_activation.register_forward_hook(lambda m, i, o: o * 2)
+    elif hook == "pre-hook":
+        handle = se.scale_activation.register_forward_pre_hook(lambda m, i: (i[0] / 3,))
+    elif hook == "regulariser":
+        handle = se.scale_activation.register_forward_hook(lambda m, i, o: kept.append(o))
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    with handle:
+        got, _ = gradients(run, se, u, skip)
+        with fused_backward(False):
+            want, _ = gradients(run, se, u, skip)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_names_the_switch_and_works_with_it():
+    se = layer()
+    u, skip = inputs()
+    u.requires_grad_()
+    (grad_u,) = torch.autograd.grad(se(u, skip).square().sum(), u, create_graph=False)
+    with pytest.raises(RuntimeError, match=r"fused_backward\(False\)"):
+        torch.autograd.grad(se(u, skip).square().sum(), u, create_graph=True)
+    with fused_backward(False):
+        (graph_u,) = torch.autograd.grad(se(u, skip).square().sum(), u, create_graph=True)
+        graph_u.sum().backward()  # a gradient penalty's second backward
+    torch.testing.assert_close(graph_u.detach(), grad_u, rtol=1e-12, atol=1e-12)
+    assert u.grad is not None and torch.isfinite(u.grad).all()
+
+
+def test_torch_func_and_forward_mode_take_the_composed_ops():
+    se = layer()
+    u, skip = inputs()
+    params = dict(se.named_parameters())
+    per_param = torch.func.grad(lambda p: functional_call(se, p, (u, skip)).square().sum())(params)
+    ref = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    expected = torch.autograd.grad(reference(se, u, skip, ref).square().sum(), list(ref.values()))
+    for got, exp in zip(per_param.values(), expected):
+        torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
+    tangent = torch.randn_like(u)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(u, tangent)
+        jvp = torch.autograd.forward_ad.unpack_dual(se(dual, skip)).tangent
+    _, exp_jvp = torch.func.jvp(lambda x: reference(se, x, skip, dict(se.named_parameters())), (u,), (tangent,))
+    torch.testing.assert_close(jvp, exp_jvp, rtol=1e-12, atol=1e-12)
 
 
 def test_eval_and_no_grad_keep_the_plain_path():

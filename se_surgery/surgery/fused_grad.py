@@ -11,8 +11,9 @@ average's expand of grad_z / HW (a full-size division), and the sum of u's two g
 
 and passes g on as the skip's gradient unchanged. The excitation (N x C tensors) is differentiated by hand, so the
 backward calls no module and hooks fire only in the forward. A forward hook on ``scale_activation`` that returns a
-replacement s scales u by it, but the gradient takes it for the excitation's output; the Function's backward is not
-itself differentiable (``create_graph`` needs ``fused_backward(False)``).
+replacement s would scale u by it while the gradient took it for the excitation's output, so the composed ops run
+whenever such a hook is registered (and under ``torch.func`` transforms, forward-mode AD and ``torch.compile``).
+The Function's backward is not itself differentiable: ``create_graph`` raises, naming ``fused_backward(False)``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from torch.autograd import forward_ad as fwAD
+from torch.nn.modules import module as module_hooks
 
 if TYPE_CHECKING:
     from .se_module import SELayer
@@ -66,22 +68,39 @@ def _grad_relu(grad: Tensor, s: Tensor) -> Tensor:
 _GRADS = {nn.Sigmoid: _grad_sigmoid, nn.Tanh: _grad_tanh, nn.ReLU: _grad_relu}
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook (of these modules, or a global one) would see or change their output."""
+    return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
 def fusable(layer: SELayer, u: Tensor, skip: Optional[Tensor]) -> bool:
     """Whether ``layer(u, skip)`` can train through the fused Function: autograd records (something requires a
     gradient), the squeeze is the average, fc1's activation is a ReLU and the gate's a sigmoid, tanh or ReLU, the
-    skip (if any) has u's shape and dtype, and no ``torch.compile`` trace is running (inductor fuses the composed
-    ops itself)."""
+    skip (if any) has u's shape and dtype. The composed ops run instead under a ``torch.compile`` trace (inductor
+    fuses them itself), under ``torch.func`` transforms and forward-mode AD (the Function has no vmap or jvp rule),
+    and while a hook watches the excitation's modules: a hook that keeps s, builds a loss on it or returns a
+    replacement gets autograd's gradients through it."""
     if not (_enabled and torch.is_grad_enabled() and layer.squeeze == "avg" and u.dim() >= 3):
         return False
     if type(layer.activation) is not nn.ReLU or type(layer.scale_activation) not in _GRADS:
         return False
     if skip is not None and (skip.shape != u.shape or skip.dtype != u.dtype):
         return False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or _forward_ad_active(u, skip):
+        return False
+    if _hooked(layer.activation, layer.scale_activation):
         return False
     return (u.requires_grad or (skip is not None and skip.requires_grad)
             or any(p.requires_grad for p in (layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias)
                    if p is not None))
+
+
+def _forward_ad_active(u: Tensor, skip: Optional[Tensor]) -> bool:
+    """Whether u or the skip carries a forward-mode tangent (``torch.autograd.forward_ad``)."""
+    if fwAD._current_level < 0:
+        return False
+    return any(fwAD.unpack_dual(t).tangent is not None for t in (u, skip) if t is not None)
 
 
 def fused_scale(layer: SELayer, u: Tensor, skip: Optional[Tensor]) -> Tensor:
@@ -106,8 +125,12 @@ class _FusedSE(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):  # type: ignore[override]
+        if torch.is_grad_enabled():  # backward(create_graph=True): these formulas are not recorded
+            raise RuntimeError(
+                "the fused SE's backward cannot be differentiated again (create_graph=True): run the forward and "
+                "backward within se_surgery.surgery.fused_backward(False), which uses autograd's backward"
+            )
         u, s, z, hidden, w1, w2 = ctx.saved_tensors
         need_u, need_skip, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         grads: list[Optional[Tensor]] = [None] * 7
