@@ -12,6 +12,8 @@ variances", 1979.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -46,13 +48,26 @@ class LabelBatch:
         self.device, self.bins = labels.device, bins
         self.present, self.column = labels.unique(return_inverse=True)  # the batch's classes (sorted); each sample's
         k = len(self.present)
+        if k and int(self.present[0]) < 0:
+            raise ValueError(f"labels must be class indices >= 0, got {int(self.present[0])}")
         self.num_classes = int(self.present[-1]) + 1 if k else 0
-        self.dtype = dtype if k <= self.MATMUL_CLASSES else torch.float64
-        self.onehot = F.one_hot(self.column, k).to(self.dtype) if k <= self.MATMUL_CLASSES else None  # N x K'
+        matmul = 0 < k <= self.MATMUL_CLASSES
+        self.dtype = dtype if matmul else torch.float64
+        self.onehot = F.one_hot(self.column, k).to(self.dtype) if matmul else None  # N x K'
         self.onehot_t = self.onehot.t().contiguous() if self.onehot is not None else None
         self.n = torch.bincount(self.column, minlength=k).to(torch.float64)
         self.count = self.n.to(self.dtype).unsqueeze(1)  # >= 1: only present classes are summed
         self.offsets = (self.column.to(torch.int32) * bins).unsqueeze(1)  # each sample's first histogram bin
+
+    def scattered(self) -> LabelBatch:
+        """The same labels summed by scatters in float64: a NaN or infinity then stays in its own class (a one-hot
+        product multiplies it by the other classes' zeros, which gives NaN)."""
+        if self.onehot is None:
+            return self
+        other = copy.copy(self)
+        other.dtype, other.onehot, other.onehot_t = torch.float64, None, None
+        other.count = self.n.unsqueeze(1)
+        return other
 
     def class_sums(self, values: torch.Tensor) -> torch.Tensor:
         """K' x C: the sum of ``values`` (N x C, in :attr:`dtype`) over the samples of each present class."""
@@ -125,6 +140,8 @@ class ClassMoments:
         values = values.to(batch.device, batch.dtype)
         self.grow(batch.num_classes)
         mean_b = batch.class_sums(values) / batch.count
+        if batch.onehot is not None and not bool(torch.isfinite(mean_b).all()):  # a non-finite value: keep it in
+            return self.fold(values, batch.scattered())  # its class
         centred = batch.less_class_means(values, mean_b)
         residual = batch.class_sums(centred).double()  # the centred sum: 0 up to the rounding of mean_b
         count = batch.count.double()

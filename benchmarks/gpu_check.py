@@ -187,7 +187,8 @@ def surgery(device: torch.device, sizes: Sizes) -> list[Row]:
         opts[key].step()
         losses[key] = loss.detach()
 
-    pool = surgery_bench.pooling_floor(surgery_bench.se_inputs(nets["SE fused"], xt))
+    with torch.autocast(**amp):  # the tensors u as the AMP step gates them (their dtype, their layout)
+        pool = surgery_bench.pooling_floor(surgery_bench.se_inputs(nets["SE fused"], xt))
 
     def pool_amp() -> object:
         with torch.autocast(**amp):

@@ -115,6 +115,23 @@ def test_nan_and_out_of_range_values_land_in_the_end_bins() -> None:
     assert moments.hist[0].tolist() == [2, 0, 0, 0, 0, 0, 0, 0, 0, 2]
 
 
+def test_a_nan_gate_value_stays_in_its_own_class():
+    values, labels = torch.rand(6, 3, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2])
+    values[0, 0] = float("nan")
+    moments = ClassMoments(1, 3)
+    moments.update(values.float(), labels)
+    assert torch.isnan(moments.mean[0, 0])
+    torch.testing.assert_close(moments.mean[1:, 0], torch.stack([values[2:4, 0].mean(), values[4:, 0].mean()]))
+
+
+def test_negative_labels_are_refused_before_anything_changes_and_empty_batches_change_nothing():
+    moments = ClassMoments(2, 3)
+    with pytest.raises(ValueError, match="labels must be class indices >= 0, got -1"):
+        moments.update(torch.rand(4, 3), torch.tensor([0, 1, -1, -1]))
+    moments.update(torch.rand(0, 3), torch.tensor([], dtype=torch.long))
+    assert moments.n.tolist() == [0, 0] and moments.hist.sum() == 0
+
+
 def quota_reference(batches, selected, per_class):
     """The per-image rule the capture's quota follows, written as a plain loop."""
     seen: dict[int, int] = {}
