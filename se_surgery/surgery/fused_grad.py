@@ -140,7 +140,8 @@ class _FusedSE(torch.autograd.Function):
             return tuple(grads)
         n, c = u.shape[:2]
         small = s.dtype  # the excitation's dtype (autocast's, when it ran under autocast)
-        grad_logits = ctx.grad_excitation(_spatial_sum(g * u).to(small), s.view(n, c))
+        product = g * u  # full-size, read once by the sum; then its memory takes grad_u (one allocation, not two)
+        grad_logits = ctx.grad_excitation(_spatial_sum(product).to(small), s.view(n, c))
         if need_w2:
             grads[4] = grad_logits.t().mm(hidden.to(small)).to(w2.dtype).view_as(w2)
         if need_b2:
@@ -155,9 +156,10 @@ class _FusedSE(torch.autograd.Function):
                 out = torch.result_type(g, s)
                 spread = (grad_pre.mm(w1.flatten(1).to(small)) / math.prod(u.shape[2:])).to(out)
                 spread = spread.view(list(s.shape))
+                reuse = {"out": product} if product.dtype == out and product.stride() == g.stride() else {}
                 if g.stride(1) == 1 and c > 1:  # channels-last: addcmul is one fast pass
-                    grad_u = torch.addcmul(spread, g, s.to(out))
+                    grad_u = torch.addcmul(spread, g, s.to(out), **reuse)
                 else:  # channels-first: CPU's addcmul broadcasting over the last dims is slower than two passes
-                    grad_u = torch.mul(g, s.to(out)).add_(spread)
+                    grad_u = torch.mul(g, s.to(out), **reuse).add_(spread)
                 grads[0] = grad_u.to(u.dtype)
         return tuple(grads)
