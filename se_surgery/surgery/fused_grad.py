@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwAD
 from torch.nn.modules import module as module_hooks
-
-if TYPE_CHECKING:
-    from .se_module import SELayer
 
 __all__ = ["fused_backward", "fused_backward_enabled", "fusable", "fused_scale"]
 
@@ -74,9 +71,9 @@ def _hooked(*modules: nn.Module) -> bool:
                 or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
-def fusable(layer: SELayer, u: Tensor, skip: Optional[Tensor]) -> bool:
-    """Whether ``layer(u, skip)`` can train through the fused Function: autograd records (something requires a
-    gradient), the squeeze is the average, fc1's activation is a ReLU and the gate's a sigmoid, tanh or ReLU, the
+def fusable(layer: nn.Module, u: Tensor, skip: Optional[Tensor]) -> bool:
+    """Whether ``layer(u, skip)`` (an ``SELayer``, which imports this module) can train through the fused
+    Function: autograd records (something requires a gradient), the squeeze is the average, fc1's activation is a ReLU and the gate's a sigmoid, tanh or ReLU, the
     skip (if any) has u's shape and dtype. The composed ops run instead under a ``torch.compile`` trace (inductor
     fuses them itself), under ``torch.func`` transforms and forward-mode AD (the Function has no vmap or jvp rule),
     and while a hook watches the excitation's modules: a hook that keeps s, builds a loss on it or returns a
@@ -103,7 +100,7 @@ def _forward_ad_active(u: Tensor, skip: Optional[Tensor]) -> bool:
     return any(fwAD.unpack_dual(t).tangent is not None for t in (u, skip) if t is not None)
 
 
-def fused_scale(layer: SELayer, u: Tensor, skip: Optional[Tensor]) -> Tensor:
+def fused_scale(layer: nn.Module, u: Tensor, skip: Optional[Tensor]) -> Tensor:
     """``skip + u * s`` (``u * s`` without a skip), s = ``layer``'s gate of u, through the fused Function; the
     caller checks ``fusable`` first."""
     return _FusedSE.apply(u, skip, layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias, layer)
