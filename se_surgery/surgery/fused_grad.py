@@ -73,11 +73,11 @@ def _hooked(*modules: nn.Module) -> bool:
 
 def fusable(layer: nn.Module, u: Tensor, skip: Optional[Tensor]) -> bool:
     """Whether ``layer(u, skip)`` (an ``SELayer``, which imports this module) can train through the fused
-    Function: autograd records (something requires a gradient), the squeeze is the average, fc1's activation is a ReLU and the gate's a sigmoid, tanh or ReLU, the
-    skip (if any) has u's shape and dtype. The composed ops run instead under a ``torch.compile`` trace (inductor
-    fuses them itself), under ``torch.func`` transforms and forward-mode AD (the Function has no vmap or jvp rule),
-    and while a hook watches the excitation's modules: a hook that keeps s, builds a loss on it or returns a
-    replacement gets autograd's gradients through it."""
+    Function: autograd records (something requires a gradient), the squeeze is the average, fc1's activation is a
+    ReLU and the gate's a sigmoid, tanh or ReLU, the skip (if any) has u's shape and dtype. The composed ops run
+    instead under a ``torch.compile`` trace (inductor fuses them itself), under ``torch.func`` transforms and
+    forward-mode AD (the Function has no vmap or jvp rule), and while a hook watches the excitation's modules: a
+    hook that keeps s, builds a loss on it or returns a replacement gets autograd's gradients through it."""
     if not (_enabled and torch.is_grad_enabled() and layer.squeeze == "avg" and u.dim() >= 3):
         return False
     if type(layer.activation) is not nn.ReLU or type(layer.scale_activation) not in _GRADS:
