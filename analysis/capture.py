@@ -245,8 +245,9 @@ class _Quota:
                 else torch.ones_like(labels, dtype=torch.bool))
         if self.per_class is not None:
             k = max(int(labels.max()) + 1, len(self.seen))
-            self.seen = torch.cat([self.seen.to(labels.device), self.seen.new_zeros(k - len(self.seen),
-                                                                                    device=labels.device)])
+            if k > len(self.seen) or self.seen.device != labels.device:
+                self.seen = torch.cat([self.seen.to(labels.device),
+                                       self.seen.new_zeros(k - len(self.seen), device=labels.device)])
             taken = F.one_hot(labels, k) * mask.unsqueeze(1)
             before = taken.cumsum(0).gather(1, labels.unsqueeze(1)).squeeze(1) - 1  # earlier images of its class
             mask &= self.seen[labels] + before < self.per_class

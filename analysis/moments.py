@@ -120,7 +120,8 @@ class ClassMoments:
         """Fold in a batch.
 
         The batch's own count, mean and M2 per class are computed in the values' dtype (float64 stays float64;
-        float32, bfloat16 and half in float32) with one-hot matrix products and the corrected two-pass formula
+        float32, bfloat16 and half in float32) with one-hot matrix products (scatters in float64 when the batch holds
+        more than :attr:`LabelBatch.MATMUL_CLASSES` classes, or a non-finite value) and the corrected two-pass formula
         (Chan et al.'s eq. 1.7: the centred sum removes the first-order error of the batch mean), then merged into
         the float64 accumulators. The histogram bins the values as they are.
 

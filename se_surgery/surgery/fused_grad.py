@@ -76,28 +76,22 @@ def fusable(layer: nn.Module, u: Tensor, skip: Optional[Tensor]) -> bool:
     Function: autograd records (something requires a gradient), the squeeze is the average, fc1's activation is a
     ReLU and the gate's a sigmoid, tanh or ReLU, the skip (if any) has u's shape and dtype. The composed ops run
     instead under a ``torch.compile`` trace (inductor fuses them itself), under ``torch.func`` transforms and
-    forward-mode AD (the Function has no vmap or jvp rule), and while a hook watches the excitation's modules: a
-    hook that keeps s, builds a loss on it or returns a replacement gets autograd's gradients through it."""
+    within a forward-mode AD level (the Function has no vmap or jvp rule), and while a hook watches the
+    excitation's modules: a hook that keeps s, builds a loss on it or returns a replacement gets autograd's
+    gradients through it."""
     if not (_enabled and torch.is_grad_enabled() and layer.squeeze == "avg" and u.dim() >= 3):
         return False
     if type(layer.activation) is not nn.ReLU or type(layer.scale_activation) not in _GRADS:
         return False
     if skip is not None and (skip.shape != u.shape or skip.dtype != u.dtype):
         return False
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or _forward_ad_active(u, skip):
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or fwAD._current_level >= 0:
         return False
     if _hooked(layer.activation, layer.scale_activation):
         return False
     return (u.requires_grad or (skip is not None and skip.requires_grad)
             or any(p.requires_grad for p in (layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias)
                    if p is not None))
-
-
-def _forward_ad_active(u: Tensor, skip: Optional[Tensor]) -> bool:
-    """Whether u or the skip carries a forward-mode tangent (``torch.autograd.forward_ad``)."""
-    if fwAD._current_level < 0:
-        return False
-    return any(fwAD.unpack_dual(t).tangent is not None for t in (u, skip) if t is not None)
 
 
 def fused_scale(layer: nn.Module, u: Tensor, skip: Optional[Tensor]) -> Tensor:
@@ -115,7 +109,7 @@ class _FusedSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, skip, w1, b1, w2, b2, layer):  # type: ignore[override]
         z = layer._squeezed(u)
-        hidden, s = layer._excite(z, u.dim())  # module calls: hooks on scale_activation see s
+        hidden, s = layer._excite(z, u.dim())  # no hook watches these modules here: fusable checked
         out = u * s if skip is None else torch.addcmul(skip, u, s)
         ctx.save_for_backward(u, s, z, hidden, w1, w2)
         ctx.grad_excitation = _GRADS[type(layer.scale_activation)]
